@@ -62,6 +62,9 @@ class Settings:
     batch_max: int
     flush_interval: float
     stop_timeout: float
+    state_dir: Path
+    deadletter_path: Path
+    deadletter_max_bytes: int
 
 
 def default_client_id() -> str:
@@ -97,6 +100,7 @@ def read_mqtt(env: EnvReader) -> MqttSettings:
 
 def read_settings(env: EnvReader) -> Settings:
     """The core settings; problems accumulate in ``env``."""
+    state_dir = env.path("STATE_DIR") or Path(env.str("STATE_DIRECTORY", "state") or "state")
     return Settings(
         mqtt=read_mqtt(env),
         metrics_host=env.str("METRICS_HOST", "0.0.0.0") or "0.0.0.0",
@@ -109,4 +113,9 @@ def read_settings(env: EnvReader) -> Settings:
         batch_max=env.int("BATCH_MAX", 5000, 1, 100_000),
         flush_interval=env.float("FLUSH_INTERVAL", 1.0, 0.05, 60.0),
         stop_timeout=env.float("STOP_TIMEOUT", 8.0, 1.0, 300.0),
+        state_dir=state_dir,
+        deadletter_path=env.path("DEADLETTER_PATH") or state_dir / "deadletter",
+        deadletter_max_bytes=env.int(
+            "DEADLETTER_MAX_BYTES", 100 * 2**20, 2**16, 2**40
+        ),
     )

@@ -1,0 +1,117 @@
+"""The ``loadmeter`` command: run, check-config, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+import structlog
+
+from . import __version__, logs, simulate
+from .app import Ingester, Parts
+from .config import Settings, read_settings
+from .deadletter import DeadLetter
+from .envreader import EnvReader
+from .errors import ConfigError
+from .metrics import Metrics
+from .sinks import REGISTRY, Sink, sink_class
+from .spool import MemorySpool
+
+EXIT_CONFIG = 2
+log = structlog.get_logger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m loadmeter``."""
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loadmeter", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    sink_help = f"sinks to write to ({', '.join(REGISTRY)}); default: $SINKS or print"
+    run = commands.add_parser("run", help="ingest readings into the sinks")
+    run.add_argument("sinks", nargs="*", metavar="SINK", help=sink_help)
+    run.set_defaults(func=_run)
+    check = commands.add_parser("check-config", help="validate the environment")
+    check.add_argument("sinks", nargs="*", metavar="SINK", help=sink_help)
+    check.set_defaults(func=_check_config)
+    sim = commands.add_parser("simulate", help="publish realistic node readings")
+    simulate.add_arguments(sim)
+    sim.set_defaults(func=simulate.run)
+    return parser
+
+
+def configure(env: EnvReader, names: Sequence[str]) -> tuple[Settings, list[Sink]]:
+    """Settings and sinks from the environment; ``ConfigError`` lists problems.
+
+    ``names`` are the sinks asked for on the command line; without any, the
+    comma-separated ``SINKS`` variable decides.
+    """
+    settings = read_settings(env)
+    raw = ",".join(names) if names else env.str("SINKS", "print") or "print"
+    wanted = [name.strip() for name in raw.split(",") if name.strip()]
+    source = "sinks on the command line" if names else "SINKS"
+    if not wanted or any(name not in REGISTRY for name in wanted):
+        env.problem(source, raw, "a comma-separated list of " + ", ".join(REGISTRY))
+        wanted = []
+    sinks = [sink_class(name).from_env(env, settings) for name in dict.fromkeys(wanted)]
+    env.raise_if_problems()
+    return settings, sinks
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    env = EnvReader()
+    configure(env, args.sinks)
+    width = max(len(entry.name) for entry in env.entries)
+    for entry in sorted(env.entries, key=lambda e: e.name):
+        print(f"{entry.name:<{width}}  {entry.shown}  ({entry.source})")
+    print("configuration ok", file=sys.stderr)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    env = EnvReader()
+    settings, sinks = configure(env, args.sinks)
+    logs.configure(settings.log_level, settings.log_format)
+    metrics = Metrics(sink.name for sink in sinks)
+    parts = Parts(
+        settings=settings,
+        sinks=sinks,
+        spool=MemorySpool([s.name for s in sinks], settings.queue_max, _spool_drop_reporter(metrics)),
+        deadletter=DeadLetter(settings.deadletter_path, settings.deadletter_max_bytes),
+        metrics=metrics,
+    )
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    Ingester(parts).run_until(stop)
+    return 0
+
+
+def _spool_drop_reporter(metrics: Metrics) -> Callable[[int], None]:
+    def report(count: int) -> None:
+        metrics.spool_dropped.inc(count)
+        log.error("spool_full_dropped_oldest", dropped=count)
+
+    return report
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
