@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-
 from loadmeter.app import Ingester, Parts
 from loadmeter.config import Settings, read_settings
 from loadmeter.deadletter import DeadLetter
@@ -20,6 +18,8 @@ from loadmeter.envreader import EnvReader
 from loadmeter.metrics import Metrics
 from loadmeter.sinks import Sink
 from loadmeter.spool import MemorySpool
+from paho.mqtt.enums import CallbackAPIVersion
+
 from tests.services import Mosquitto, wait_for
 
 BASE = "home/load_meter"
@@ -28,21 +28,25 @@ _ids = itertools.count(1)
 
 def settings_for(broker: Mosquitto, state: Path, **extra: str) -> Settings:
     """Settings pointing at ``broker``, metrics on any free port."""
-    env = EnvReader({
-        "MQTT_PORT": str(broker.port),
-        "MQTT_CLIENT_ID": f"test-ingester-{next(_ids)}",
-        "METRICS_HOST": "127.0.0.1",
-        "METRICS_PORT": "0",
-        "STATE_DIR": str(state),
-        "FLUSH_INTERVAL": "0.1",
-        **extra,
-    })
+    env = EnvReader(
+        {
+            "MQTT_PORT": str(broker.port),
+            "MQTT_CLIENT_ID": f"test-ingester-{next(_ids)}",
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": "0",
+            "STATE_DIR": str(state),
+            "FLUSH_INTERVAL": "0.1",
+            **extra,
+        }
+    )
     settings = read_settings(env)
     env.raise_if_problems()
     return settings
 
 
-def build(settings: Settings, sinks: Sequence[Sink], spool_max: int = 100_000) -> Ingester:
+def build(
+    settings: Settings, sinks: Sequence[Sink], spool_max: int = 100_000
+) -> Ingester:
     """An ingester with a memory spool and a dead letter under the state dir."""
     metrics = Metrics(sink.name for sink in sinks)
     spool = MemorySpool([s.name for s in sinks], spool_max, metrics.spool_dropped.inc)
@@ -65,15 +69,26 @@ class Publisher:
     """A plain MQTT client publishing like a node (QoS 0, retained)."""
 
     def __init__(self, broker: Mosquitto) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{next(_ids)}")
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"pub-{next(_ids)}"
+        )
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
         self._lock = threading.Lock()
 
-    def send(self, node: str, payload: bytes | str | Mapping[str, Any], qos: int = 0, retain: bool = True, topic: str | None = None) -> None:
+    def send(
+        self,
+        node: str,
+        payload: bytes | str | Mapping[str, Any],
+        qos: int = 0,
+        retain: bool = True,
+        topic: str | None = None,
+    ) -> None:
         """Publish one payload (a mapping is sent as JSON) and wait until it left."""
         body = json.dumps(payload) if isinstance(payload, Mapping) else payload
-        info = self.client.publish(topic or f"{BASE}/{node}/metrics", body, qos=qos, retain=retain)
+        info = self.client.publish(
+            topic or f"{BASE}/{node}/metrics", body, qos=qos, retain=retain
+        )
         info.wait_for_publish(5)
 
     def close(self) -> None:

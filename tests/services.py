@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
+def wait_for(
+    condition: Callable[[], object], timeout: float = 20.0, what: str = ""
+) -> object:
     """Poll ``condition`` until it returns something truthy, or fail."""
     deadline = time.monotonic() + timeout
     while True:
@@ -42,7 +44,9 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str =
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}: {last}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or condition}: {last}"
+            )
         time.sleep(0.05)
 
 
@@ -67,10 +71,17 @@ def port_open(port: int) -> bool:
 def require(program: str) -> str:
     """The path of ``program``, or an error telling how to install it."""
     path = shutil.which(program) or next(
-        (p for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}") if os.path.exists(p)), None
+        (
+            p
+            for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}")
+            if os.path.exists(p)
+        ),
+        None,
     )
     if path is None:
-        raise RuntimeError(f"{program} is not installed: run `make deps` (scripts/install-deps.sh)")
+        raise RuntimeError(
+            f"{program} is not installed: run `make deps` (scripts/install-deps.sh)"
+        )
     return path
 
 
@@ -93,17 +104,23 @@ class Service:
     def start(self) -> None:
         """Start the program and wait until it answers."""
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
         log.close()
         try:
             wait_for(self._ready_or_dead, START_TIMEOUT, f"{self.name} to start")
         except AssertionError:
             self.stop()
-            raise AssertionError(f"{self.name} did not start; log:\n{self.log()}") from None
+            raise AssertionError(
+                f"{self.name} did not start; log:\n{self.log()}"
+            ) from None
 
     def _ready_or_dead(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode}:\n{self.log()}"
+            )
         return self.is_ready()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -120,13 +137,19 @@ class Service:
         self.proc = None
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace")[-4000:]
+            if self.log_path.exists()
+            else ""
+        )
 
 
 class Mosquitto(Service):
     """A mosquitto broker; ``extra`` lines are appended to its config."""
 
-    def __init__(self, workdir: Path, extra: str = "", config: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, extra: str = "", config: str | None = None
+    ) -> None:
         super().__init__("mosquitto", workdir, free_port())
         self.extra = extra
         self.config = config
@@ -179,16 +202,20 @@ class VictoriaMetrics(Service):
         assert status == 200, body
         return [json.loads(line) for line in body.splitlines() if line.strip()]
 
-    def samples(self, measurement: str = "load_meter") -> dict[tuple[str, str, int], float]:
+    def samples(
+        self, measurement: str = "load_meter"
+    ) -> dict[tuple[str, str, int], float]:
         """{(field, node, timestamp_ms): value} for every stored sample."""
         stored: dict[tuple[str, str, int], float] = {}
         prefix = f"{measurement}_"
         for series in self.export(f'{{__name__=~"{measurement}_.+"}}'):
             metric = series["metric"]
             assert isinstance(metric, dict)
-            field = str(metric["__name__"])[len(prefix):]
+            field = str(metric["__name__"])[len(prefix) :]
             node = str(metric.get("node", ""))
-            for value, stamp in zip(series["values"], series["timestamps"], strict=True):  # type: ignore[call-overload]
+            for value, stamp in zip(
+                series["values"], series["timestamps"], strict=True
+            ):  # type: ignore[call-overload]
                 stored[(field, node, int(stamp))] = float(value)
         return stored
 
@@ -212,7 +239,7 @@ class Influxd1(Service):
             f'bind-address = "127.0.0.1:{self.rpc_port}"\n'
             f'[meta]\n  dir = "{data}/meta"\n'
             f'[data]\n  dir = "{data}/data"\n  wal-dir = "{data}/wal"\n'
-            '  query-log-enabled = false\n'
+            "  query-log-enabled = false\n"
             f'[http]\n  bind-address = "127.0.0.1:{self.port}"\n'
             "  log-enabled = false\n"
             "[monitor]\n  store-enabled = false\n"
@@ -222,7 +249,9 @@ class Influxd1(Service):
     def is_ready(self) -> bool:
         return http_get(f"{self.url}/ping")[0] == 204
 
-    def query(self, q: str, db: str | None = None, epoch: str | None = "ms") -> dict[str, object]:
+    def query(
+        self, q: str, db: str | None = None, epoch: str | None = "ms"
+    ) -> dict[str, object]:
         """Run InfluxQL ``q``; the decoded JSON answer."""
         params = {"q": q}
         if db:
@@ -230,7 +259,9 @@ class Influxd1(Service):
         if epoch:
             params["epoch"] = epoch
         request = urllib.request.Request(
-            f"{self.url}/query", data=urllib.parse.urlencode(params).encode(), method="POST"
+            f"{self.url}/query",
+            data=urllib.parse.urlencode(params).encode(),
+            method="POST",
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -242,7 +273,9 @@ class Influxd1(Service):
     def write(self, db: str, lines: str, precision: str = "ms") -> tuple[int, str]:
         """POST line protocol to ``/write``; the status and body."""
         request = urllib.request.Request(
-            f"{self.url}/write?db={db}&precision={precision}", data=lines.encode(), method="POST"
+            f"{self.url}/write?db={db}&precision={precision}",
+            data=lines.encode(),
+            method="POST",
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -277,7 +310,9 @@ class Prometheus(Service):
 
     def query(self, promql: str) -> dict[str, object]:
         """Run an instant PromQL query; the decoded JSON answer."""
-        status, body = http_get(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        status, body = http_get(
+            f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        )
         result: dict[str, object] = json.loads(body)
         result["http_status"] = status
         return result

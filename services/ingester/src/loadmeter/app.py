@@ -50,15 +50,33 @@ class Ingester:
         s = parts.settings
         limits = Limits(max_payload_bytes=s.max_payload_bytes, max_ct=s.max_ct)
         self.dispatcher = Dispatcher(
-            parts.spool, parts.deadletter, parts.metrics, limits, s.mqtt.base_topic, s.queue_max
+            parts.spool,
+            parts.deadletter,
+            parts.metrics,
+            limits,
+            s.mqtt.base_topic,
+            s.queue_max,
         )
         self.mqtt = MqttSource(s.mqtt, self.dispatcher.offer, parts.metrics)
         self.dispatcher.set_acknowledger(self.mqtt.ack)
         self.workers = [
-            SinkWorker(sink, parts.spool, parts.metrics, parts.deadletter, s.batch_max, s.flush_interval)
+            SinkWorker(
+                sink,
+                parts.spool,
+                parts.metrics,
+                parts.deadletter,
+                s.batch_max,
+                s.flush_interval,
+            )
             for sink in parts.sinks
         ]
-        self.http = StatusServer(s.metrics_host, s.metrics_port, parts.metrics.registry, self.healthz, self.readyz)
+        self.http = StatusServer(
+            s.metrics_host,
+            s.metrics_port,
+            parts.metrics.registry,
+            self.healthz,
+            self.readyz,
+        )
 
     def start(self) -> None:
         """Start every thread; the broker connection follows in the background."""
@@ -101,11 +119,14 @@ class Ingester:
         """Problems with the process itself: a dead or stuck thread."""
         now = time.monotonic()
         problems = []
-        for thread in [self.dispatcher, *self.workers]:
+        threads: list[Dispatcher | SinkWorker] = [self.dispatcher, *self.workers]
+        for thread in threads:
             if not thread.is_alive():
                 problems.append(f"{thread.name}: not running")
             elif now - thread.heartbeat > STALE_AFTER:
-                problems.append(f"{thread.name}: no progress for {now - thread.heartbeat:.0f}s")
+                problems.append(
+                    f"{thread.name}: no progress for {now - thread.heartbeat:.0f}s"
+                )
         return problems
 
     def readyz(self) -> list[str]:
@@ -113,5 +134,7 @@ class Ingester:
         problems = self.healthz()
         if not self.mqtt.connected:
             problems.append("mqtt: not connected")
-        problems.extend(f"sink {w.sink.name}: cannot write" for w in self.workers if not w.ready)
+        problems.extend(
+            f"sink {w.sink.name}: cannot write" for w in self.workers if not w.ready
+        )
         return problems

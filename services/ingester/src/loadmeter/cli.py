@@ -90,7 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     parts = Parts(
         settings=settings,
         sinks=sinks,
-        spool=MemorySpool([s.name for s in sinks], settings.queue_max, _spool_drop_reporter(metrics)),
+        spool=MemorySpool(
+            [s.name for s in sinks], settings.queue_max, _spool_drop_reporter(metrics)
+        ),
         deadletter=DeadLetter(settings.deadletter_path, settings.deadletter_max_bytes),
         metrics=metrics,
     )

@@ -100,7 +100,9 @@ def read_mqtt(env: EnvReader) -> MqttSettings:
 
 def read_settings(env: EnvReader) -> Settings:
     """The core settings; problems accumulate in ``env``."""
-    state_dir = env.path("STATE_DIR") or Path(env.str("STATE_DIRECTORY", "state") or "state")
+    state_dir = env.path("STATE_DIR") or Path(
+        env.str("STATE_DIRECTORY", "state") or "state"
+    )
     return Settings(
         mqtt=read_mqtt(env),
         metrics_host=env.str("METRICS_HOST", "0.0.0.0") or "0.0.0.0",
@@ -115,7 +117,5 @@ def read_settings(env: EnvReader) -> Settings:
         stop_timeout=env.float("STOP_TIMEOUT", 8.0, 1.0, 300.0),
         state_dir=state_dir,
         deadletter_path=env.path("DEADLETTER_PATH") or state_dir / "deadletter",
-        deadletter_max_bytes=env.int(
-            "DEADLETTER_MAX_BYTES", 100 * 2**20, 2**16, 2**40
-        ),
+        deadletter_max_bytes=env.int("DEADLETTER_MAX_BYTES", 100 * 2**20, 2**16, 2**40),
     )

@@ -70,12 +70,14 @@ class DeadLetter:
 
     def _rotate(self) -> None:
         self.sync_locked()
-        assert self._out is not None
-        self._out.close()
-        self._out = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
         for index in range(self.files - 1, 0, -1):
             older = self.directory / f"{FILE_NAME}.{index}"
-            newer = self.directory / (f"{FILE_NAME}.{index - 1}" if index > 1 else FILE_NAME)
+            newer = self.directory / (
+                f"{FILE_NAME}.{index - 1}" if index > 1 else FILE_NAME
+            )
             if newer.exists():
                 newer.replace(older)
 

@@ -132,7 +132,9 @@ class Dispatcher(threading.Thread):
                     suppressed=held,
                 )
 
-    def _reject(self, message: Message, topic_node: str | None, result: Rejected) -> None:
+    def _reject(
+        self, message: Message, topic_node: str | None, result: Rejected
+    ) -> None:
         self.metrics.readings_rejected.labels(result.reason).inc()
         self.metrics.deadletter_records.labels(result.reason).inc()
         self.deadletter.record(

@@ -7,6 +7,7 @@ effective configuration can be shown with secrets redacted.
 
 from __future__ import annotations
 
+import builtins
 import math
 import os
 from collections.abc import Mapping
@@ -30,33 +31,46 @@ class Entry:
 class EnvReader:
     """Typed, validating access to a mapping of environment variables."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, environ: Mapping[builtins.str, builtins.str] | None = None
+    ) -> None:
         self._env = dict(os.environ if environ is None else environ)
         self.problems: list[str] = []
         self.entries: list[Entry] = []
 
-    def _raw(self, name: str) -> str | None:
+    def _raw(self, name: builtins.str) -> builtins.str | None:
         value = self._env.get(name)
         if value is None or value.strip() == "":
             return None
         return value.strip()
 
-    def _note(self, name: str, value: object, raw: str | None) -> None:
+    def _note(
+        self, name: builtins.str, value: object, raw: builtins.str | None
+    ) -> None:
         source = "env" if raw is not None else "default"
         self.entries.append(Entry(name, "" if value is None else str(value), source))
 
-    def problem(self, name: str, value: str, expected: str) -> None:
+    def problem(
+        self, name: builtins.str, value: builtins.str, expected: builtins.str
+    ) -> None:
         """Record that ``name`` holds ``value`` where ``expected`` was wanted."""
         self.problems.append(f"{name}={value!r}: expected {expected}")
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    def str(
+        self, name: builtins.str, default: builtins.str | None = None
+    ) -> builtins.str | None:
         """A plain string, or ``default`` when unset or blank."""
         raw = self._raw(name)
         value = raw if raw is not None else default
         self._note(name, value, raw)
         return value
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(
+        self,
+        name: builtins.str,
+        default: builtins.str,
+        choices: tuple[builtins.str, ...],
+    ) -> builtins.str:
         """One of ``choices``, compared case-insensitively."""
         raw = self._raw(name)
         value = default if raw is None else raw.lower()
@@ -66,7 +80,13 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
-    def int(self, name: str, default: int, low: int, high: int) -> int:
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        low: builtins.int,
+        high: builtins.int,
+    ) -> builtins.int:
         """A whole number within ``low``..``high`` inclusive."""
         raw = self._raw(name)
         value = default
@@ -82,7 +102,13 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
-    def float(self, name: str, default: float, low: float, high: float) -> float:
+    def float(
+        self,
+        name: builtins.str,
+        default: builtins.float,
+        low: builtins.float,
+        high: builtins.float,
+    ) -> builtins.float:
         """A finite number within ``low``..``high`` inclusive."""
         raw = self._raw(name)
         value = default
@@ -98,7 +124,7 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         """true/false, yes/no, on/off or 1/0."""
         raw = self._raw(name)
         value = default
@@ -113,7 +139,9 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
-    def path(self, name: str, must_exist: bool = False) -> Path | None:
+    def path(
+        self, name: builtins.str, must_exist: builtins.bool = False
+    ) -> Path | None:
         """A filesystem path; with ``must_exist`` it has to be a readable file."""
         raw = self._raw(name)
         value = Path(raw) if raw is not None else None
@@ -122,7 +150,9 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
-    def secret(self, name: str, required: bool = False) -> str | None:
+    def secret(
+        self, name: builtins.str, required: builtins.bool = False
+    ) -> builtins.str | None:
         """A secret from ``name`` or from the file named by ``name_FILE``.
 
         The value itself is never recorded; only whether it is set.
@@ -140,7 +170,9 @@ class EnvReader:
         self.entries.append(Entry(name, shown, "env" if raw else "default"))
         return value
 
-    def _read_secret_file(self, file_var: str, file_name: str) -> str | None:
+    def _read_secret_file(
+        self, file_var: builtins.str, file_name: builtins.str
+    ) -> builtins.str | None:
         try:
             text = Path(file_name).read_text(encoding="utf-8").strip()
         except OSError as exc:

@@ -14,11 +14,20 @@ Check = Callable[[], list[str]]
 class StatusServer:
     """Serves metrics and the two probes; each probe lists what is wrong."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, healthz: Check, readyz: Check) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        healthz: Check,
+        readyz: Check,
+    ) -> None:
         handler = _handler(registry, healthz, readyz)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="http", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -35,16 +44,20 @@ class StatusServer:
         self.server.server_close()
 
 
-def _handler(registry: CollectorRegistry, healthz: Check, readyz: Check) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    registry: CollectorRegistry, healthz: Check, readyz: Check
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
                 problems = (healthz if path == "/healthz" else readyz)()
                 body = ("\n".join(problems) if problems else "ok") + "\n"
-                self._send(503 if problems else 200, body.encode(), "text/plain; charset=utf-8")
+                self._send(
+                    503 if problems else 200, body.encode(), "text/plain; charset=utf-8"
+                )
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
@@ -55,7 +68,7 @@ def _handler(registry: CollectorRegistry, healthz: Check, readyz: Check) -> type
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             """Probes every few seconds are not worth a log line."""
 
     return Handler

@@ -13,7 +13,9 @@ import structlog
 QUIET_LIBRARIES = ("paho", "influxdb_client", "urllib3", "tenacity")
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def configure(
+    level: str = "info", fmt: str = "auto", stream: TextIO | None = None
+) -> None:
     """Set up structlog; ``fmt`` is json, console or auto (console on a TTY).
 
     Logs go to stderr so that the print sink owns stdout.

@@ -37,5 +37,7 @@ class Reading:
 
 def channel_fields(max_ct: int) -> list[str]:
     """Measurement field names for ct1..ct``max_ct`` then ``vrms``, in order."""
-    names = [f"ct{i}_{kind}" for i in range(1, max_ct + 1) for kind in MEASUREMENT_KINDS]
+    names = [
+        f"ct{i}_{kind}" for i in range(1, max_ct + 1) for kind in MEASUREMENT_KINDS
+    ]
     return [*names, "vrms"]

@@ -52,7 +52,12 @@ class MqttSource:
     so the broker redelivers whatever was not safely stored.
     """
 
-    def __init__(self, settings: MqttSettings, deliver: Callable[[Message], None], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        deliver: Callable[[Message], None],
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._deliver = deliver
@@ -99,10 +104,12 @@ class MqttSource:
 
     def start(self) -> None:
         """Connect in the background; paho's thread keeps retrying."""
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY
         s = self.settings
-        self.client.connect_async(s.host, s.port, s.keepalive, clean_start=False, properties=props)
+        self.client.connect_async(
+            s.host, s.port, s.keepalive, clean_start=False, properties=props
+        )
         self.client.loop_start()
         log.info("mqtt_connecting", host=s.host, port=s.port, client_id=s.client_id)
 
@@ -119,7 +126,9 @@ class MqttSource:
     def stop(self, timeout: float = 2.0) -> None:
         """Announce ``offline``, disconnect cleanly and stop the network thread."""
         if self.connected:
-            info = self.client.publish(self.settings.status_topic, "offline", qos=1, retain=True)
+            info = self.client.publish(
+                self.settings.status_topic, "offline", qos=1, retain=True
+            )
             deadline = time.monotonic() + timeout
             while not info.is_published() and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -129,7 +138,9 @@ class MqttSource:
         self.metrics.mqtt_connected.set(0)
         log.info("mqtt_disconnected", reason="shutdown")
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         if reason.is_failure:
             log.error("mqtt_connect_refused", reason=str(reason))
             return
@@ -142,22 +153,32 @@ class MqttSource:
             topic=self.settings.metrics_topic,
         )
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any
+    ) -> None:
         failed = [str(r) for r in reasons if r.is_failure]
         if failed:
-            log.error("mqtt_subscribe_refused", topic=self.settings.metrics_topic, reason=failed)
+            log.error(
+                "mqtt_subscribe_refused",
+                topic=self.settings.metrics_topic,
+                reason=failed,
+            )
             return
         self._connected.set()
         self.metrics.mqtt_connected.set(1)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self.metrics.mqtt_connected.set(0)
         if was_connected and self.accepting:
             log.warning("mqtt_connection_lost", reason=str(reason))
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(
+        self, client: paho.Client, userdata: Any, message: paho.MQTTMessage
+    ) -> None:
         if not self.accepting:
             return
         received_ms = time.time_ns() // 1_000_000
@@ -165,4 +186,8 @@ class MqttSource:
             topic = message.topic
         except UnicodeDecodeError:
             topic = ""  # the payload model rejects it as a topic without a node
-        self._deliver(Message(topic, message.payload, received_ms, message.mid, message.qos))
+        self._deliver(
+            Message(
+                topic, bytes(message.payload), received_ms, message.mid, message.qos
+            )
+        )

@@ -51,7 +51,9 @@ DropHandler = Callable[[int], None]
 class MemorySpool:
     """A bounded spool in RAM: fast, lost on exit, drops the oldest when full."""
 
-    def __init__(self, sinks: Sequence[str], max_readings: int, on_drop: DropHandler) -> None:
+    def __init__(
+        self, sinks: Sequence[str], max_readings: int, on_drop: DropHandler
+    ) -> None:
         self._items: list[Reading] = []
         self._base_id = 1
         self._cursors = dict.fromkeys(sinks, 0)

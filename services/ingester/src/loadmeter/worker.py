@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 import tenacity
@@ -31,14 +31,16 @@ BLOCKING_STATUSES = frozenset({401, 403, 404})
 MAX_BACKOFF = 30.0
 
 
-class Blocked(SinkError):
+class SinkBlockedError(SinkError):
     """The sink refuses access; retry until it is fixed, keep the data."""
 
     kind = "permanent"
 
 
-def _wait_strategy() -> tenacity.wait.wait_base:
-    backoff = tenacity.wait_exponential(multiplier=0.5, max=MAX_BACKOFF) + tenacity.wait_random(0, 1)
+def _wait_strategy() -> Callable[[tenacity.RetryCallState], float]:
+    backoff = tenacity.wait_exponential(
+        multiplier=0.5, max=MAX_BACKOFF
+    ) + tenacity.wait_random(0, 1)
 
     def wait(state: tenacity.RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -120,7 +122,9 @@ class SinkWorker(threading.Thread):
 
     def _write_with_retries(self, readings: Sequence[Reading]) -> None:
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((TransientSinkError, Blocked)),
+            retry=tenacity.retry_if_exception_type(
+                (TransientSinkError, SinkBlockedError)
+            ),
             wait=_wait_strategy(),
             stop=self._stop_when_stopping,
             sleep=self._sleep,
@@ -145,13 +149,15 @@ class SinkWorker(threading.Thread):
         except SinkError as exc:
             self._count_failure(exc)
             if isinstance(exc, PermanentSinkError) and exc.status in BLOCKING_STATUSES:
-                raise Blocked(str(exc)) from exc
+                raise SinkBlockedError(str(exc)) from exc
             raise
-        except Exception as exc:  # noqa: BLE001 - a faulty sink must not kill the worker
+        except Exception as exc:
             self._count_failure(exc)
             raise PermanentSinkError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            self.metrics.write_duration.labels(name).observe(time.perf_counter() - started)
+            self.metrics.write_duration.labels(name).observe(
+                time.perf_counter() - started
+            )
         self.metrics.points_written.labels(name).inc(len(readings))
         self._set_ready(True)
 
@@ -165,7 +171,7 @@ class SinkWorker(threading.Thread):
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        blocked = isinstance(error, Blocked)
+        blocked = isinstance(error, SinkBlockedError)
         if blocked or state.attempt_number >= 3:
             self._set_ready(False)
         held = self._limiter.allow("retry", type(error).__name__)
@@ -223,4 +229,6 @@ class SinkWorker(threading.Thread):
             log.error("sink_close_failed", sink=self.sink.name, error=str(exc))
         waiting, _ = self.spool.backlog(self.sink.name)
         if waiting:
-            log.warning("sink_stopped_with_backlog", sink=self.sink.name, waiting=waiting)
+            log.warning(
+                "sink_stopped_with_backlog", sink=self.sink.name, waiting=waiting
+            )
