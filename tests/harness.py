@@ -12,12 +12,12 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from loadmeter.app import Ingester, Parts
+from loadmeter.cli import open_spool
 from loadmeter.config import Settings, read_settings
 from loadmeter.deadletter import DeadLetter
 from loadmeter.envreader import EnvReader
 from loadmeter.metrics import Metrics
 from loadmeter.sinks import Sink
-from loadmeter.spool import MemorySpool
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.services import Mosquitto, wait_for
@@ -44,12 +44,10 @@ def settings_for(broker: Mosquitto, state: Path, **extra: str) -> Settings:
     return settings
 
 
-def build(
-    settings: Settings, sinks: Sequence[Sink], spool_max: int = 100_000
-) -> Ingester:
-    """An ingester with a memory spool and a dead letter under the state dir."""
+def build(settings: Settings, sinks: Sequence[Sink]) -> Ingester:
+    """An ingester with its spool and dead letter under the state dir."""
     metrics = Metrics(sink.name for sink in sinks)
-    spool = MemorySpool([s.name for s in sinks], spool_max, metrics.spool_dropped.inc)
+    spool = open_spool(settings, [s.name for s in sinks], metrics.spool_dropped.inc)
     deadletter = DeadLetter(settings.deadletter_path, settings.deadletter_max_bytes)
     return Ingester(Parts(settings, sinks, spool, deadletter, metrics))
 

@@ -19,7 +19,7 @@ from .envreader import EnvReader
 from .errors import ConfigError
 from .metrics import Metrics
 from .sinks import REGISTRY, Sink, sink_class
-from .spool import MemorySpool
+from .spool import Spool
 
 EXIT_CONFIG = 2
 log = structlog.get_logger(__name__)
@@ -90,8 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     parts = Parts(
         settings=settings,
         sinks=sinks,
-        spool=MemorySpool(
-            [s.name for s in sinks], settings.queue_max, _spool_drop_reporter(metrics)
+        spool=open_spool(
+            settings, [s.name for s in sinks], _spool_drop_reporter(metrics)
         ),
         deadletter=DeadLetter(settings.deadletter_path, settings.deadletter_max_bytes),
         metrics=metrics,
@@ -100,6 +100,20 @@ def _run(args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     Ingester(parts).run_until(stop)
     return 0
+
+
+def open_spool(
+    settings: Settings, sinks: Sequence[str], on_drop: Callable[[int], None]
+) -> Spool:
+    """The durable spool the settings describe."""
+    return Spool(
+        settings.spool_path,
+        sinks,
+        settings.spool_max_bytes,
+        settings.dedup_window,
+        on_drop,
+        synchronous=settings.spool_sync.upper(),
+    )
 
 
 def _spool_drop_reporter(metrics: Metrics) -> Callable[[int], None]:

@@ -65,6 +65,10 @@ class Settings:
     state_dir: Path
     deadletter_path: Path
     deadletter_max_bytes: int
+    spool_path: Path
+    spool_max_bytes: int
+    spool_sync: str
+    dedup_window: float
 
 
 def default_client_id() -> str:
@@ -111,11 +115,15 @@ def read_settings(env: EnvReader) -> Settings:
         log_format=env.choice("LOG_FORMAT", "auto", LOG_FORMATS),
         max_payload_bytes=env.int("MAX_PAYLOAD_BYTES", 4096, 64, 1_048_576),
         max_ct=env.int("MAX_CT", 2, 1, 16),
-        queue_max=env.int("QUEUE_MAX", 100_000, 10, 10_000_000),
+        queue_max=env.int("QUEUE_MAX", 20_000, 10, 10_000_000),
         batch_max=env.int("BATCH_MAX", 5000, 1, 100_000),
         flush_interval=env.float("FLUSH_INTERVAL", 1.0, 0.05, 60.0),
         stop_timeout=env.float("STOP_TIMEOUT", 8.0, 1.0, 300.0),
         state_dir=state_dir,
         deadletter_path=env.path("DEADLETTER_PATH") or state_dir / "deadletter",
         deadletter_max_bytes=env.int("DEADLETTER_MAX_BYTES", 100 * 2**20, 2**16, 2**40),
+        spool_path=env.path("SPOOL_PATH") or state_dir / "spool.db",
+        spool_max_bytes=env.int("SPOOL_MAX_BYTES", 2**30, 2**16, 2**44),
+        spool_sync=env.choice("SPOOL_SYNC", "full", ("full", "normal")),
+        dedup_window=env.float("DEDUP_WINDOW", 6 * 3600.0, 0.0, 30 * 86400.0),
     )

@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .model import Reading
 from .mqtt import Message
 from .payload import Accepted, Limits, Rejected, node_from_topic, parse
-from .spool import Spool
+from .spool import Arrival, Spool
 
 log = structlog.get_logger(__name__)
 
@@ -92,16 +92,19 @@ class Dispatcher(threading.Thread):
 
     def handle(self, group: list[Message]) -> None:
         """Validate a group, store what is valid, record what is not, ack all."""
-        accepted: list[Reading] = []
+        accepted: list[Arrival] = []
         refused = False
         for message in group:
             reading = self._validate(message)
             if reading is None:
                 refused = True
             else:
-                accepted.append(reading)
+                accepted.append(Arrival(reading, message.retained))
         if accepted:
-            self.spool.append(accepted)
+            duplicates = self.spool.append(accepted)
+            self.metrics.duplicates_dropped.inc(duplicates)
+            if duplicates:
+                log.debug("duplicates_dropped", count=duplicates)
         if refused:
             self.deadletter.sync()
         self._ack(group)

@@ -43,6 +43,7 @@ class Message:
     received_ms: int
     mid: int
     qos: int
+    retained: bool = False
 
 
 class MqttSource:
