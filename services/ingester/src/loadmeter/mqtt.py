@@ -44,13 +44,16 @@ class Message:
     mid: int
     qos: int
     retained: bool = False
+    connection: int = 0
 
 
 class MqttSource:
     """Subscribes to every node's readings and passes them to ``deliver``.
 
     Messages of QoS 1 are acknowledged only when ``ack`` is called for them,
-    so the broker redelivers whatever was not safely stored.
+    so the broker redelivers whatever was not safely stored. A message from
+    an earlier connection is never acknowledged on a later one, where its
+    packet id may name another message; the broker redelivers it instead.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class MqttSource:
         self._deliver = deliver
         self._connected = threading.Event()
         self.accepting = True
+        self._connection = 0
         self.client = self._build_client()
 
     @property
@@ -117,7 +121,7 @@ class MqttSource:
     def ack(self, messages: Iterable[Message]) -> None:
         """Acknowledge QoS 1 messages whose readings are safely stored."""
         for message in messages:
-            if message.qos > 0:
+            if message.qos > 0 and message.connection == self._connection:
                 self.client.ack(message.mid, message.qos)
 
     def stop_accepting(self) -> None:
@@ -145,6 +149,7 @@ class MqttSource:
         if reason.is_failure:
             log.error("mqtt_connect_refused", reason=str(reason))
             return
+        self._connection += 1
         options = SubscribeOptions(qos=self.settings.qos)
         client.subscribe(self.settings.metrics_topic, options=options)
         client.publish(self.settings.status_topic, "online", qos=1, retain=True)
