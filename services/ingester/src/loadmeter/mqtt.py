@@ -194,6 +194,12 @@ class MqttSource:
             topic = ""  # the payload model rejects it as a topic without a node
         self._deliver(
             Message(
-                topic, bytes(message.payload), received_ms, message.mid, message.qos
+                topic,
+                bytes(message.payload),
+                received_ms,
+                message.mid,
+                message.qos,
+                retained=bool(message.retain),
+                connection=self._connection,
             )
         )
