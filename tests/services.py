@@ -196,7 +196,11 @@ class VictoriaMetrics(Service):
         return http_get(f"{self.url}/health")[0] == 200
 
     def export(self, match: str = '{__name__=~".+"}') -> list[dict[str, object]]:
-        """Every stored series matching ``match`` as VictoriaMetrics' JSON lines."""
+        """Every stored series matching ``match`` as VictoriaMetrics' JSON lines.
+
+        Recent writes are flushed first, so a read right after a write sees it.
+        """
+        http_get(f"{self.url}/internal/force_flush")
         query = urllib.parse.urlencode({"match[]": match, "start": "0"})
         status, body = http_get(f"{self.url}/api/v1/export?{query}")
         assert status == 200, body
