@@ -82,29 +82,35 @@ class SinkWorker(threading.Thread):
         self._close_sink()
 
     def _step(self) -> bool:
-        """Deliver one batch when due; True when the worker is finished."""
-        batch = self.spool.pending(self.sink.name, self.batch_max)
-        self._report_backlog()
-        if not batch.readings:
+        """Deliver one batch when due; True when the worker is finished.
+
+        A batch is due when it is full, when its oldest reading has waited a
+        flush interval, or when the worker is stopping. The cheap backlog
+        check comes first so that waking on every append costs no read.
+        """
+        waiting, age_ms = self._report_backlog()
+        if waiting == 0:
             if self.stopping.is_set():
                 return True
             self.spool.wait(self.flush_ms / 1000)
             return False
-        age = now_ms() - batch.readings[0].received_ms
-        due = len(batch.readings) >= self.batch_max or age >= self.flush_ms
+        due = waiting >= self.batch_max or age_ms >= self.flush_ms
         if not due and not self.stopping.is_set():
-            self.spool.wait((self.flush_ms - age) / 1000)
+            self.spool.wait(min(self.flush_ms, self.flush_ms - age_ms) / 1000)
             return False
+        batch = self.spool.pending(self.sink.name, self.batch_max)
         if not self._deliver(batch.readings):
             return True
         self.spool.advance(self.sink.name, batch.last_id)
         return False
 
-    def _report_backlog(self) -> None:
+    def _report_backlog(self) -> tuple[int, int]:
+        """Export and return (readings waiting, age of the oldest in ms)."""
         waiting, oldest = self.spool.backlog(self.sink.name)
+        age_ms = 0 if oldest is None else now_ms() - oldest
         self.metrics.spool_readings.labels(self.sink.name).set(waiting)
-        age = 0.0 if oldest is None else max(0.0, (now_ms() - oldest) / 1000)
-        self.metrics.spool_oldest_age.labels(self.sink.name).set(age)
+        self.metrics.spool_oldest_age.labels(self.sink.name).set(max(0, age_ms) / 1000)
+        return waiting, age_ms
 
     def _deliver(self, readings: Sequence[Reading]) -> bool:
         """Store the readings, isolating refused ones; False if stopped first."""
