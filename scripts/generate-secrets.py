@@ -178,11 +178,20 @@ def _write_temp(
     return tmp
 
 
-def prepare_dir(directory: Path) -> None:
-    """Create the secrets directory, or tighten it, to mode 0700."""
+def prepare_dir(directory: Path, owner_from: Path | None = None) -> None:
+    """Create the secrets directory, or tighten it, to mode 0700.
+
+    Run as root on a directory root owns (Docker creates a missing bind
+    mount that way), hand it to the owner of ``owner_from``: the user who
+    checked out the project can then read it with ``make credentials``.
+    """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if directory.stat().st_mode & 0o077:
         directory.chmod(0o700)
+    if owner_from is not None and os.geteuid() == 0 and directory.stat().st_uid == 0:
+        info = owner_from.stat()
+        if info.st_uid != 0:
+            os.chown(directory, info.st_uid, info.st_gid)
 
 
 def ensure_secrets(directory: Path, names: list[str]) -> list[str]:
@@ -252,9 +261,14 @@ def _installed_as(path: Path, text: str, item: Installed) -> bool:
     return same and owner == item.owner and info.st_mode & 0o7777 == item.mode
 
 
-def generate(directory: Path, nodes: list[str], target: Path | None) -> None:
+def generate(
+    directory: Path,
+    nodes: list[str],
+    target: Path | None,
+    owner_from: Path | None = None,
+) -> None:
     """Do the whole job, reporting file names (never contents) on stderr."""
-    prepare_dir(directory)
+    prepare_dir(directory, owner_from)
     users = dict(FIXED_USERS) | {n: node_password_file(n) for n in nodes}
     created = ensure_secrets(directory, [*GENERATED, *users.values()])
     hashed = sync_passwd(directory, users)
@@ -297,6 +311,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="also copy the secrets into DIR owned as each container needs",
     )
+    parser.add_argument(
+        "--owner-from",
+        type=Path,
+        metavar="PATH",
+        help="as root, give a root-owned secrets directory to PATH's owner",
+    )
     return parser.parse_args(argv)
 
 
@@ -304,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 1 with a message on stderr otherwise."""
     args = parse_args(argv)
     try:
-        generate(args.dir, parse_node_users(args.node_users), args.install)
+        generate(
+            args.dir, parse_node_users(args.node_users), args.install, args.owner_from
+        )
     except (SecretsError, OSError) as exc:
         _say(f"generate-secrets: {exc}")
         return 1

@@ -26,7 +26,7 @@ ALERT_UIDS = {
     "loadmeter-readings-lost",
     "loadmeter-nothing-stored",
 }
-DASHBOARDS_MOUNT = "/var/lib/grafana/dashboards"
+DASHBOARDS_MOUNT = "/etc/grafana/dashboards"
 HOME_DASHBOARD_PATH = f"{DASHBOARDS_MOUNT}/loadmeter-overview.json"
 AUTH_HEADER_VALUE = "Token $__file{/run/secrets/influx_token}"
 NO_DATA_STATES = {"NoData", "Alerting", "OK", "KeepLast"}

@@ -302,3 +302,19 @@ def test_install_needs_root(tmp_path):
 
     assert result.returncode == 1
     assert "run as root" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as the secrets job has")
+def test_a_root_owned_directory_is_handed_to_the_checkout_owner(tmp_path):
+    """A secrets dir Docker created as root goes to the owner of --owner-from."""
+    directory = tmp_path / "secrets"
+    directory.mkdir()
+    marker = tmp_path / "generate-secrets.py"
+    marker.write_text("")
+    os.chown(marker, 1234, 5678)
+
+    generate(directory, f"--owner-from={marker}")
+
+    for path in [directory, *directory.iterdir()]:
+        info = path.stat()
+        assert (info.st_uid, info.st_gid) == (1234, 5678), path

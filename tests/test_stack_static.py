@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_secrets import load_generator
 
@@ -408,3 +409,19 @@ def test_the_systemd_unit_takes_secrets_as_credentials():
     assert re.search(r"^Restart=always$", text, re.M)
     assert re.search(r"^TimeoutStopSec=15$", text, re.M)
     assert re.search(r"^StateDirectory=loadmeter$", text, re.M)
+
+
+def test_grafana_mounts_what_its_provisioning_reads():
+    """Compose mounts the dashboards where the provider looks, home included."""
+    grafana = services("default")["grafana"]
+    provider = yaml.safe_load(
+        (ROOT / "grafana/provisioning/dashboards/loadmeter.yaml").read_text()
+    )
+    [dashboards_path] = [p["options"]["path"] for p in provider["providers"]]
+    mounts = {v["target"]: v.get("source", "") for v in grafana["volumes"]}
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+
+    assert mounts[dashboards_path].endswith("grafana/dashboards")
+    assert home.startswith(dashboards_path + "/")
+    assert (ROOT / "grafana/dashboards" / Path(home).name).is_file()
+    assert mounts["/etc/grafana/provisioning"].endswith("grafana/provisioning")
