@@ -104,16 +104,15 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(SCHEMA)
-        self._cursors = self._load_cursors(sinks)
         self._first_id, self._last_id, self._bytes = self._load_extent()
+        self._cursors = self._load_cursors(sinks)
         self._appends = 0
 
     def _load_cursors(self, sinks: Sequence[str]) -> dict[str, int]:
+        # A new sink starts at the oldest reading held; ids below it are gone.
         stored = dict(self._db.execute("SELECT sink, last_id FROM cursors").fetchall())
-        start = self._db.execute(
-            "SELECT COALESCE(MIN(id), 1) - 1 FROM readings"
-        ).fetchone()[0]
-        cursors = {sink: int(stored.get(sink, start)) for sink in sinks}
+        start = self._first_id - 1
+        cursors = {sink: max(int(stored.get(sink, start)), start) for sink in sinks}
         with self._transaction():
             self._db.execute("DELETE FROM cursors")
             self._db.executemany("INSERT INTO cursors VALUES (?, ?)", cursors.items())
@@ -173,9 +172,18 @@ class Spool:
                 return True
         if reading.epoch is None or reading.t_ms is None:
             return False
+        # A copy older than the window counts as absent, pruned yet or not.
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)",
-            (reading.node, reading.epoch, reading.t_ms, reading.received_ms),
+            "INSERT INTO seen VALUES (?, ?, ?, ?) ON CONFLICT (node, epoch, t_ms)"
+            " DO UPDATE SET received_ms = excluded.received_ms"
+            " WHERE seen.received_ms < ?",
+            (
+                reading.node,
+                reading.epoch,
+                reading.t_ms,
+                reading.received_ms,
+                now_ms() - self.dedup_window_ms,
+            ),
         )
         return cursor.rowcount == 0
 
@@ -198,21 +206,19 @@ class Spool:
         self._db.execute("DELETE FROM seen WHERE received_ms < ?", (horizon,))
 
     def _enforce_bound(self) -> int:
-        if self._bytes <= self.max_bytes:
-            return 0
-        total = self._last_id - self._first_id + 1
-        average = self._bytes / max(total, 1)
-        excess = int((self._bytes - self.max_bytes * 0.9) / average) + 1
-        cut = min(self._first_id + excess - 1, self._last_id)
-        with self._transaction():
-            self._db.execute("DELETE FROM readings WHERE id <= ?", (cut,))
-            for sink, last in self._cursors.items():
-                self._cursors[sink] = max(last, cut)
-            self._db.execute("UPDATE cursors SET last_id = MAX(last_id, ?)", (cut,))
-        dropped = cut - self._first_id + 1
-        self._first_id = cut + 1
-        self._bytes = int(average * (self._last_id - cut))
-        return dropped
+        # The cut is estimated from the average size; the bytes removed are
+        # counted exactly, and the loop goes on while still over the bound.
+        first = self._first_id
+        while self._bytes > self.max_bytes and self._first_id <= self._last_id:
+            average = self._bytes / (self._last_id - self._first_id + 1)
+            excess = int((self._bytes - self.max_bytes * 0.9) / average) + 1
+            cut = min(self._first_id + excess - 1, self._last_id)
+            with self._transaction():
+                self._trim(cut)
+                for sink, last in self._cursors.items():
+                    self._cursors[sink] = max(last, cut)
+                self._db.execute("UPDATE cursors SET last_id = MAX(last_id, ?)", (cut,))
+        return self._first_id - first
 
     def pending(self, sink: str, limit: int) -> Batch:
         """Up to ``limit`` readings the sink has not stored yet, oldest first."""
@@ -233,7 +239,8 @@ class Spool:
         with self._lock, self._transaction():
             self._cursors[sink] = max(self._cursors[sink], last_id)
             self._db.execute(
-                "UPDATE cursors SET last_id = ? WHERE sink = ?", (last_id, sink)
+                "UPDATE cursors SET last_id = ? WHERE sink = ?",
+                (self._cursors[sink], sink),
             )
             done = min(self._cursors.values())
             if done >= self._first_id:
