@@ -1,4 +1,4 @@
-"""The ``loadmeter`` command: run, check-config, simulate."""
+"""The ``loadmeter`` command: run, check-config, simulate, deadletter."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import FrameType
 
 import structlog
 
-from . import __version__, logs, simulate
+from . import __version__, logs, redrive, simulate
 from .app import Ingester, Parts
 from .config import Settings, read_settings
 from .deadletter import DeadLetter
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulate", help="publish realistic node readings")
     simulate.add_arguments(sim)
     sim.set_defaults(func=simulate.run)
+    dead = commands.add_parser("deadletter", help="list or re-drive the dead letter")
+    redrive.add_arguments(dead)
+    dead.set_defaults(func=redrive.run)
     return parser
 
 
