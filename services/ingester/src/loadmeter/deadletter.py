@@ -52,11 +52,31 @@ class DeadLetter:
         return self.directory / FILE_NAME
 
     def _open(self) -> TextIO:
+        """The current file, reopened if something replaced it on disk.
+
+        ``loadmeter deadletter redrive`` rewrites the files; a record must
+        then go to the new file, not to the replaced one. A last line torn
+        by a crash is ended first, so it cannot swallow the next record.
+        """
+        if self._out is not None and not self._still_current(self._out):
+            self._out.close()
+            self._out = None
         if self._out is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._out = self.path.open("a", encoding="utf-8")
             self._size = self._out.tell()
+            if self._size and not _ends_with_newline(self.path):
+                self._out.write("\n")
+                self._size += 1
         return self._out
+
+    def _still_current(self, out: TextIO) -> bool:
+        try:
+            on_disk = self.path.stat()
+        except FileNotFoundError:
+            return False
+        held = os.fstat(out.fileno())
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
     def record(self, reason: str, **fields: Any) -> None:
         """Append one record with its reason and the time it was made."""
@@ -99,6 +119,12 @@ class DeadLetter:
             if self._out is not None:
                 self._out.close()
                 self._out = None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as raw:
+        raw.seek(-1, os.SEEK_END)
+        return raw.read(1) == b"\n"
 
 
 def read_records(directory: Path) -> Iterator[dict[str, Any]]:
