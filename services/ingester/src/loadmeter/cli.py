@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sqlite3
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ from . import __version__, logs, redrive, simulate
 from .app import Ingester, Parts
 from .config import Settings, read_settings
 from .deadletter import DeadLetter
-from .envreader import EnvReader
+from .envreader import Entry, EnvReader
 from .errors import ConfigError
 from .metrics import Metrics
 from .sinks import REGISTRY, Sink, sink_class
@@ -67,6 +69,8 @@ def configure(env: EnvReader, names: Sequence[str]) -> tuple[Settings, list[Sink
     raw = ",".join(names) if names else env.str("SINKS", "print") or "print"
     wanted = [name.strip() for name in raw.split(",") if name.strip()]
     source = "sinks on the command line" if names else "SINKS"
+    if names:
+        env.entries.append(Entry("SINKS", raw, "command line"))
     if not wanted or any(name not in REGISTRY for name in wanted):
         env.problem(source, raw, "a comma-separated list of " + ", ".join(REGISTRY))
         wanted = []
@@ -89,20 +93,42 @@ def _run(args: argparse.Namespace) -> int:
     env = EnvReader()
     settings, sinks = configure(env, args.sinks)
     logs.configure(settings.log_level, settings.log_format)
-    metrics = Metrics(sink.name for sink in sinks)
-    parts = Parts(
-        settings=settings,
-        sinks=sinks,
-        spool=open_spool(
-            settings, [s.name for s in sinks], _spool_drop_reporter(metrics)
-        ),
-        deadletter=DeadLetter(settings.deadletter_path, settings.deadletter_max_bytes),
-        metrics=metrics,
-    )
+    ingester = assemble(settings, sinks)
     stop = threading.Event()
     _stop_on_signals(stop)
-    Ingester(parts).run_until(stop)
+    ingester.run_until(stop)
     return 0
+
+
+def assemble(settings: Settings, sinks: Sequence[Sink]) -> Ingester:
+    """The ingester; a spool, TLS file or address it cannot use is a ConfigError."""
+    metrics = Metrics(sink.name for sink in sinks)
+    names = [sink.name for sink in sinks]
+    try:
+        spool = open_spool(settings, names, _spool_drop_reporter(metrics))
+    except (OSError, sqlite3.Error) as exc:
+        where = repr(str(settings.spool_path))
+        raise ConfigError(
+            [f"SPOOL_PATH={where}: expected a file in a writable directory ({exc})"]
+        ) from exc
+
+    deadletter = DeadLetter(settings.deadletter_path, settings.deadletter_max_bytes)
+    try:
+        return Ingester(Parts(settings, sinks, spool, deadletter, metrics))
+    except OSError as exc:
+        spool.close()
+        raise ConfigError([_start_problem(settings, exc)]) from exc
+
+
+def _start_problem(settings: Settings, exc: OSError) -> str:
+    """Name the settings behind a TLS setup or listening socket that failed."""
+    if isinstance(exc, ssl.SSLError):
+        return f"MQTT_TLS_CA/CERT/KEY: expected PEM files that belong together ({exc})"
+    address = f"{settings.metrics_host}:{settings.metrics_port}"
+    return (
+        f"METRICS_HOST:METRICS_PORT={address!r}: expected an address this host can"
+        f" listen on ({exc.strerror or exc})"
+    )
 
 
 def open_spool(

@@ -104,9 +104,8 @@ def read_mqtt(env: EnvReader) -> MqttSettings:
 
 def read_settings(env: EnvReader) -> Settings:
     """The core settings; problems accumulate in ``env``."""
-    state_dir = env.path("STATE_DIR") or Path(
-        env.str("STATE_DIRECTORY", "state") or "state"
-    )
+    systemd_dir = Path(env.str("STATE_DIRECTORY", "state") or "state")
+    state_dir = env.path_or("STATE_DIR", systemd_dir)
     return Settings(
         mqtt=read_mqtt(env),
         metrics_host=env.str("METRICS_HOST", "0.0.0.0") or "0.0.0.0",
@@ -120,9 +119,9 @@ def read_settings(env: EnvReader) -> Settings:
         flush_interval=env.float("FLUSH_INTERVAL", 1.0, 0.05, 60.0),
         stop_timeout=env.float("STOP_TIMEOUT", 8.0, 1.0, 300.0),
         state_dir=state_dir,
-        deadletter_path=env.path("DEADLETTER_PATH") or state_dir / "deadletter",
+        deadletter_path=env.path_or("DEADLETTER_PATH", state_dir / "deadletter"),
         deadletter_max_bytes=env.int("DEADLETTER_MAX_BYTES", 100 * 2**20, 2**16, 2**40),
-        spool_path=env.path("SPOOL_PATH") or state_dir / "spool.db",
+        spool_path=env.path_or("SPOOL_PATH", state_dir / "spool.db"),
         spool_max_bytes=env.int("SPOOL_MAX_BYTES", 2**30, 2**16, 2**44),
         spool_sync=env.choice("SPOOL_SYNC", "full", ("full", "normal")),
         dedup_window=env.float("DEDUP_WINDOW", 6 * 3600.0, 0.0, 30 * 86400.0),

@@ -150,6 +150,13 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
+    def path_or(self, name: builtins.str, default: Path) -> Path:
+        """A filesystem path, ``default`` when unset; shown as the path in use."""
+        raw = self._raw(name)
+        value = Path(raw) if raw is not None else default
+        self._note(name, value, raw)
+        return value
+
     def secret(
         self, name: builtins.str, required: builtins.bool = False
     ) -> builtins.str | None:
@@ -160,14 +167,14 @@ class EnvReader:
         raw = self._raw(name)
         file_var = f"{name}_FILE"
         file_name = self._raw(file_var)
-        value = raw
+        value, source = raw, "env" if raw else "default"
         if file_name is not None:
-            value = self._read_secret_file(file_var, file_name)
+            value, source = self._read_secret_file(file_var, file_name), "file"
             self.entries.append(Entry(file_var, file_name, "env"))
-        if value is None and required:
+        if file_name is None and value is None and required:
             self.problems.append(f"{name} is not set: expected it, or {file_var}")
         shown = REDACTED if value else ""
-        self.entries.append(Entry(name, shown, "env" if raw else "default"))
+        self.entries.append(Entry(name, shown, source))
         return value
 
     def _read_secret_file(
