@@ -265,3 +265,22 @@ def test_secrets_never_appear_in_logs(mosquitto: Mosquitto, tmp_path: Path) -> N
         p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
     ]
     assert not [text for text in written if SECRET in text]
+
+
+def test_library_log_records_are_json_too() -> None:
+    """A warning from a library's own logger comes out as a JSON line."""
+    import io
+    import json
+    import logging
+
+    from loadmeter import logs
+
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+
+    logging.getLogger("urllib3.connectionpool").warning("retrying %s", "x")
+
+    record = json.loads(stream.getvalue().splitlines()[-1])
+    assert record["event"] == "retrying x"
+    assert record["level"] == "warning"
+    assert record["logger"] == "urllib3.connectionpool"
