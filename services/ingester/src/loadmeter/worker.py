@@ -144,6 +144,8 @@ class SinkWorker(threading.Thread):
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            # The backlog keeps growing while a write is retried: keep it visible.
+            self._report_backlog()
             self.stopping.wait(min(left, 1.0))
             self.heartbeat = time.monotonic()
 
