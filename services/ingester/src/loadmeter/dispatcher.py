@@ -3,10 +3,17 @@
 Runs on its own thread, taking messages from the bounded inbox that the MQTT
 callback fills. Messages are handled in groups: one spool append and one
 dead-letter sync per group, then the group is acknowledged to the broker.
+
+A stored point is identified by its node and its receive time in
+milliseconds, so each node's readings get strictly increasing receive
+times: a backlog the broker delivers in a burst would otherwise put several
+readings of one node in the same millisecond, and each would overwrite the
+one before it in InfluxDB.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -25,6 +32,29 @@ from .spool import Arrival, Spool
 log = structlog.get_logger(__name__)
 
 AckFunction = Callable[[list[Message]], None]
+MAX_CLOCK_NODES = 10_000
+
+
+class NodeClock:
+    """Strictly increasing receive times per node.
+
+    A reading received in the same millisecond as (or before) the node's last
+    one takes the next free millisecond. Past ``max_nodes`` nodes the table
+    starts afresh rather than growing.
+    """
+
+    def __init__(self, max_nodes: int = MAX_CLOCK_NODES) -> None:
+        self.max_nodes = max_nodes
+        self._last: dict[str, int] = {}
+
+    def stamp(self, node: str, received_ms: int) -> int:
+        """The receive time to store for ``node``'s reading."""
+        last = self._last.get(node)
+        if last is None and len(self._last) >= self.max_nodes:
+            self._last.clear()
+        stamp = received_ms if last is None or received_ms > last else last + 1
+        self._last[node] = stamp
+        return stamp
 
 
 class Dispatcher(threading.Thread):
@@ -51,6 +81,7 @@ class Dispatcher(threading.Thread):
         self.stopping = threading.Event()
         self.heartbeat = time.monotonic()
         self._limiter = RateLimiter(period=60.0)
+        self._clock = NodeClock()
         self._ack: AckFunction = _no_ack
 
     def set_acknowledger(self, ack: AckFunction) -> None:
@@ -116,7 +147,9 @@ class Dispatcher(threading.Thread):
             self._reject(message, topic_node, result)
             return None
         self._count_accepted(result, message.topic)
-        return result.reading
+        reading = result.reading
+        stamp = self._clock.stamp(reading.node, reading.received_ms)
+        return dataclasses.replace(reading, received_ms=stamp)
 
     def _count_accepted(self, result: Accepted, topic: str) -> None:
         reading = result.reading
