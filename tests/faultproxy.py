@@ -10,6 +10,13 @@ body. A script of faults takes over the next requests, in order:
 - ``delay_next(n, seconds)``: hold the next ``n`` requests, then forward them.
 - ``drop_next(n)``: close the connection without any answer.
 
+Standing rules apply to every later request that no scripted fault takes:
+
+- ``refuse(status=..., containing=b"...")``: answer ``status`` to each
+  request whose (decompressed) body contains the marker, or to every request
+  when no marker is given, as an InfluxDB refusing some points would;
+  ``stop_refusing()`` lifts the rules.
+
 When the upstream cannot be reached the proxy answers 502, as a reverse
 proxy would.
 
@@ -30,6 +37,7 @@ import http.server
 import json
 import sys
 import threading
+import time
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,12 +64,16 @@ POLL_INTERVAL = 0.05
 
 @dataclass(frozen=True)
 class SeenRequest:
-    """One request as the proxy received it; ``body`` is the raw bytes."""
+    """One request as the proxy received it; ``body`` is the raw bytes.
+
+    ``at`` is when it had fully arrived, on the ``time.monotonic`` clock.
+    """
 
     method: str
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
     def header(self, name: str) -> str | None:
         """The header ``name``, compared case-insensitively."""
@@ -86,6 +98,18 @@ class Fault:
     drop: bool = False
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A standing answer for every request whose body contains ``marker``."""
+
+    marker: bytes
+    fault: Fault
+
+    def matches(self, seen: SeenRequest) -> bool:
+        """Whether ``seen`` carries the marker (any request for an empty one)."""
+        return self.marker in seen.payload()
+
+
 def influx_error_body(code: str, message: str) -> bytes:
     """An error body shaped as InfluxDB 2.x writes it."""
     return json.dumps({"code": code, "message": message}).encode()
@@ -102,6 +126,7 @@ class FaultProxy:
         self.target_port = parts.port or 80
         self.requests: list[SeenRequest] = []
         self._script: deque[Fault] = deque()
+        self._rules: list[Rule] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler, self)
@@ -162,6 +187,28 @@ class FaultProxy:
         """Close the connection of the next ``n`` requests without answering."""
         self._add(n, Fault(drop=True))
 
+    def refuse(
+        self,
+        *,
+        status: int,
+        containing: bytes = b"",
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+    ) -> None:
+        """Answer ``status`` to every later request whose body has ``containing``.
+
+        The body is compared after any gzip is undone; an empty marker matches
+        every request. Scripted faults still take their requests first.
+        """
+        fault = Fault(status=status, headers=headers or {}, body=body)
+        with self._lock:
+            self._rules.append(Rule(containing, fault))
+
+    def stop_refusing(self) -> None:
+        """Drop every rule ``refuse`` set: requests are forwarded again."""
+        with self._lock:
+            self._rules.clear()
+
     def _add(self, n: int, fault: Fault) -> None:
         with self._lock:
             self._script.extend([fault] * n)
@@ -169,7 +216,9 @@ class FaultProxy:
     def _record(self, seen: SeenRequest) -> Fault | None:
         with self._lock:
             self.requests.append(seen)
-            return self._script.popleft() if self._script else None
+            if self._script:
+                return self._script.popleft()
+            return next((r.fault for r in self._rules if r.matches(seen)), None)
 
     def _forward(self, seen: SeenRequest) -> tuple[int, list[tuple[str, str]], bytes]:
         upstream = http.client.HTTPConnection(
