@@ -39,13 +39,17 @@ class NodeClock:
     """Strictly increasing receive times per node.
 
     A reading received in the same millisecond as (or before) the node's last
-    one takes the next free millisecond. Past ``max_nodes`` nodes the table
-    starts afresh rather than growing.
+    one takes the next free millisecond. It starts from the spool's record of
+    each node's last stored receive time, so a restart right after a burst
+    cannot reuse a timestamp. Past ``max_nodes`` nodes the table starts
+    afresh rather than growing.
     """
 
-    def __init__(self, max_nodes: int = MAX_CLOCK_NODES) -> None:
+    def __init__(
+        self, last: dict[str, int] | None = None, max_nodes: int = MAX_CLOCK_NODES
+    ) -> None:
         self.max_nodes = max_nodes
-        self._last: dict[str, int] = {}
+        self._last: dict[str, int] = dict(list((last or {}).items())[:max_nodes])
 
     def stamp(self, node: str, received_ms: int) -> int:
         """The receive time to store for ``node``'s reading."""
@@ -81,7 +85,7 @@ class Dispatcher(threading.Thread):
         self.stopping = threading.Event()
         self.heartbeat = time.monotonic()
         self._limiter = RateLimiter(period=60.0)
-        self._clock = NodeClock()
+        self._clock = NodeClock(spool.last_received())
         self._ack: AckFunction = _no_ack
 
     def set_acknowledger(self, ack: AckFunction) -> None:

@@ -45,7 +45,11 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (node, epoch, t_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_by_age ON seen (received_ms);
-CREATE TABLE IF NOT EXISTS last_stored (node TEXT PRIMARY KEY, digest TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS last_stored (
+    node TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
 """
 ROW_OVERHEAD = 48
 PRUNE_EVERY = 1000
@@ -139,6 +143,16 @@ class Spool:
         with self._lock:
             return self._last_id - min(self._cursors.values(), default=self._last_id)
 
+    def last_received(self) -> dict[str, int]:
+        """Each node's last stored receive time, also of readings long gone.
+
+        Receive times identify points in the sinks; a restart must not hand
+        out one that an earlier reading of the node already has.
+        """
+        with self._lock:
+            rows = self._db.execute("SELECT node, received_ms FROM last_stored")
+            return {str(node): int(ms) for node, ms in rows.fetchall()}
+
     def append(self, arrivals: Sequence[Arrival]) -> int:
         """Store new readings durably; the number refused as duplicates."""
         with self._changed:
@@ -195,8 +209,8 @@ class Spool:
             (reading.received_ms, reading.node, reading.epoch, reading.t_ms, fields),
         )
         self._db.execute(
-            "INSERT OR REPLACE INTO last_stored VALUES (?, ?)",
-            (reading.node, digest(reading)),
+            "INSERT OR REPLACE INTO last_stored VALUES (?, ?, ?)",
+            (reading.node, digest(reading), reading.received_ms),
         )
         self._last_id = int(cursor.lastrowid or self._last_id)
         self._bytes += len(fields) + len(reading.node) + ROW_OVERHEAD
