@@ -385,3 +385,193 @@ def test_unusable_location_raises_a_transient_error(tmp_path: Path) -> None:
         sink.open()
 
     assert isinstance(caught.value.__cause__, OSError)
+
+
+def series(count: int, start: str = "2026-12-03T10:00:00.000") -> list[Reading]:
+    """``count`` readings one second apart, each with its own clocks and value."""
+    first = ms(start)
+    return [
+        Reading(
+            "node_main",
+            first + i * 1000,
+            {"ct1_irms": float(i)},
+            epoch=1764756000 + i,
+            t_ms=5123456 + i * 1000,
+        )
+        for i in range(count)
+    ]
+
+
+def values(path: Path) -> list[str]:
+    """The ct1_irms cell of every data row of ``path``."""
+    return [row[4] for row in rows(path)[1:]]
+
+
+def test_replayed_batch_after_a_restart_is_stored_once(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """The same batch written again after reopening the file adds no row."""
+    batch = series(3)
+    first = make_sink()
+    first.write(batch)
+    first.close()
+
+    with capture_logs() as logs:
+        make_sink().write(batch)
+
+    assert values(tmp_path / "load.csv") == ["0.0", "1.0", "2.0"]
+    [skipped] = [entry for entry in logs if entry["event"] == "csv_replay_skipped"]
+    assert skipped["rows"] == 3
+    assert skipped["path"] == str(tmp_path / "load.csv")
+
+
+def test_replayed_prefix_is_skipped_and_new_readings_appended(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """A replay followed by newer readings appends only the newer ones."""
+    readings = series(6)
+    first = make_sink()
+    first.write(readings[:2])
+    first.write(readings[2:4])
+    first.close()
+
+    make_sink().write(readings[2:6])
+
+    assert values(tmp_path / "load.csv") == ["0.0", "1.0", "2.0", "3.0", "4.0", "5.0"]
+
+
+def test_rows_left_by_a_torn_batch_are_not_written_twice(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """After a crash mid-batch, the whole rows stay and only the rest is added."""
+    path = tmp_path / "load.csv"
+    readings = series(4)
+    first = make_sink()
+    first.write(readings[:3])
+    first.close()
+    torn = path.read_bytes()[:-10]
+    path.write_bytes(torn)
+
+    make_sink().write(readings)
+
+    assert values(path) == ["0.0", "1.0", "2.0", "3.0"]
+
+
+def test_replay_smaller_than_the_written_batch_spans_several_writes(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """A replayed batch cut into smaller writes is still recognised write by write."""
+    readings = series(5)
+    first = make_sink()
+    first.write(readings[:4])
+    first.close()
+
+    second = make_sink()
+    second.write(readings[:2])
+    second.write(readings[2:5])
+
+    assert values(tmp_path / "load.csv") == ["0.0", "1.0", "2.0", "3.0", "4.0"]
+
+
+def test_new_readings_are_appended_whole_after_a_restart(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """A batch whose first reading is not at the file's tail is all new."""
+    readings = series(4)
+    first = make_sink()
+    first.write(readings[:2])
+    first.close()
+
+    with capture_logs() as logs:
+        make_sink().write(readings[2:])
+
+    assert values(tmp_path / "load.csv") == ["0.0", "1.0", "2.0", "3.0"]
+    assert "csv_replay_skipped" not in [entry["event"] for entry in logs]
+
+
+def test_same_clocks_at_another_receive_time_are_a_new_row(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """Only a row with the same receive time, node and clocks counts as replayed."""
+    first = make_sink()
+    first.write([reading("2026-12-03T10:00:00.000", ct1_irms=1.0)])
+    first.close()
+
+    make_sink().write([reading("2026-12-03T10:00:00.001", ct1_irms=1.0)])
+
+    assert values(tmp_path / "load.csv") == ["1.0", "1.0"]
+
+
+def test_replay_is_skipped_in_each_day_file(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """A midnight batch replayed after a restart leaves each day file unchanged."""
+    late = series(2, "2026-12-03T23:59:58.500")
+    early = series(2, "2026-12-04T00:00:00.500")
+    first = make_sink(tmp_path)
+    first.write([*late, *early])
+    first.close()
+
+    make_sink(tmp_path).write([*late, *early, *series(1, "2026-12-04T00:00:05.000")])
+
+    assert values(tmp_path / "loadmeter-2026-12-03.csv") == ["0.0", "1.0"]
+    assert values(tmp_path / "loadmeter-2026-12-04.csv") == ["0.0", "1.0", "0.0"]
+
+
+def test_replay_after_a_crash_between_day_files_completes_the_second_day(
+    make_sink: MakeSink, tmp_path: Path
+) -> None:
+    """A batch stored in the first day's file only is completed, not repeated."""
+    late = series(2, "2026-12-03T23:59:58.500")
+    early = series(2, "2026-12-04T00:00:00.500")
+    first = make_sink(tmp_path)
+    first.write(late)
+    first.close()
+
+    make_sink(tmp_path).write([*late, *early])
+
+    assert values(tmp_path / "loadmeter-2026-12-03.csv") == ["0.0", "1.0"]
+    assert values(tmp_path / "loadmeter-2026-12-04.csv") == ["0.0", "1.0"]
+
+
+def test_failed_replay_is_retried_without_duplicates(
+    make_sink: MakeSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replayed batch whose new rows fail to write is skipped again on retry."""
+    readings = series(3)
+    first = make_sink()
+    first.write(readings[:2])
+    first.close()
+    sink = make_sink()
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        """Fail as a full disk does."""
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(TransientSinkError):
+        sink.write(readings)
+    monkeypatch.setattr(os, "write", real_write)
+    sink.write(readings)
+
+    assert values(tmp_path / "load.csv") == ["0.0", "1.0", "2.0"]
+
+
+def test_look_back_reaches_batch_max_rows_and_no_further(
+    make_sink: MakeSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last BATCH_MAX rows are recognised, even read in small chunks; older not."""
+    readings = series(12)
+    make_sink().write(readings)
+    monkeypatch.setattr("loadmeter.sinks.csvfile.TAIL_CHUNK", 7)
+
+    make_sink(BATCH_MAX="5").write(readings[7:])
+    unchanged = values(tmp_path / "load.csv")
+    make_sink(BATCH_MAX="5").write(readings[6:])
+
+    assert unchanged == [f"{i}.0" for i in range(12)]
+    assert values(tmp_path / "load.csv") == [
+        *[f"{i}.0" for i in range(12)],
+        *[f"{i}.0" for i in range(6, 12)],
+    ]

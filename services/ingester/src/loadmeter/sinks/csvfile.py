@@ -20,6 +20,19 @@ Every file ends at a row boundary. A batch is written with one ``write`` of
 whole rows and then ``fsync``; a batch that fails is cut back off before the
 error is raised; a row torn by a crash is cut off when the file is next
 opened.
+
+A batch may be handed over again after a crash: the spool moves its cursor
+only once ``write`` returns, so a crash in between (or during the write)
+replays the batch on the next start, in the same order, usually followed by
+newer readings. To keep each reading once, opening a file remembers its last
+rows, as many as one batch holds (``BATCH_MAX``). When a write starts with
+one of them, its leading rows that repeat the remembered ones in order are
+already in the file and are skipped; the rest is appended. Rows are
+compared byte for byte: the same receive time, node, epoch and ``t_ms`` (which
+identify a reading) and the same values, so two different readings are
+never taken for each other. Once new rows are appended nothing later can be
+a replay, and the remembered rows are dropped. Day files are matched each
+against its own tail.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import csv
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -46,6 +59,7 @@ DAY_FILE_PREFIX = "loadmeter-"
 MAX_ALTERNATIVES = 1000
 TAIL_CHUNK = 64 * 1024
 OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+DEFAULT_REPLAY_ROWS = 5000
 
 
 def csv_columns(max_ct: int) -> list[str]:
@@ -73,6 +87,41 @@ def reading_row(reading: Reading, fields: Sequence[str]) -> list[str]:
     values = [reading.fields.get(name) for name in fields]
     cells = ["" if v is None else repr(float(v)) for v in values]
     return [reading.received_iso(), reading.node, *clocks, *cells]
+
+
+def tail_lines(fd: int, size: int, limit: int) -> list[bytes]:
+    """The last ``limit`` rows in the first ``size`` bytes, each with its ``\\n``.
+
+    ``size`` must end a row. The header, and a row only partly read, are
+    left out: the first line read is always dropped.
+    """
+    chunks: list[bytes] = []
+    newlines = 0
+    start = size
+    while start > 0 and newlines <= limit:
+        step = min(TAIL_CHUNK, start)
+        start -= step
+        chunks.append(os.pread(fd, step, start))
+        newlines += chunks[-1].count(b"\n")
+    lines = b"".join(reversed(chunks)).splitlines(keepends=True)
+    return lines[1:][-limit:]
+
+
+def replayed_count(lines: Sequence[bytes], tail: Sequence[bytes]) -> int:
+    """How many leading ``lines`` repeat ``tail`` in order from some row on.
+
+    Zero unless the first line is in ``tail``; then the length of the run of
+    lines equal to the rows of ``tail`` from that one on.
+    """
+    if not lines or lines[0] not in tail:
+        return 0
+    start = tail.index(lines[0])
+    count = 0
+    for line, seen in zip(lines, tail[start:], strict=False):
+        if line != seen:
+            break
+        count += 1
+    return count
 
 
 def header_allows_append(path: Path, header: bytes) -> bool:
@@ -121,10 +170,24 @@ def fsync_directory(path: Path) -> None:
 
 @dataclass(frozen=True, slots=True)
 class OpenFile:
-    """A data file held open for appending."""
+    """A data file held open for appending.
+
+    ``tail`` holds the rows a replayed batch may repeat: the file's last
+    rows when opened, emptied once new rows are appended.
+    """
 
     path: Path
     fd: int
+    tail: list[bytes] = field(default_factory=list)
+
+    def skip_replayed(self, lines: Sequence[bytes]) -> int:
+        """How many leading ``lines`` the file already ends with; forget them."""
+        count = replayed_count(lines, self.tail)
+        if count:
+            del self.tail[: self.tail.index(lines[0]) + count]
+        if count < len(lines):
+            self.tail.clear()
+        return count
 
 
 class CsvSink(Sink):
@@ -132,9 +195,16 @@ class CsvSink(Sink):
 
     name = "csv"
 
-    def __init__(self, path: Path, per_day: bool, max_ct: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        per_day: bool,
+        max_ct: int,
+        replay_rows: int = DEFAULT_REPLAY_ROWS,
+    ) -> None:
         self.path = path
         self.per_day = per_day
+        self.replay_rows = replay_rows
         self.fields = channel_fields(max_ct)
         self.header = encode_rows([csv_columns(max_ct)])
         self._open: dict[Path, OpenFile] = {}
@@ -148,7 +218,7 @@ class CsvSink(Sink):
         per_day = raw.endswith("/") or path.is_dir()
         if per_day and path.exists() and not path.is_dir():
             env.problem("CSV_PATH", raw, "a directory, or a file path without /")
-        return cls(path, per_day, settings.max_ct)
+        return cls(path, per_day, settings.max_ct, settings.batch_max)
 
     def open(self) -> None:
         """Create the directory, and in single-file mode open the file."""
@@ -173,8 +243,12 @@ class CsvSink(Sink):
         try:
             for base, rows in groups.items():
                 target = self._target(base)
+                lines = [encode_rows([row]) for row in rows]
+                fresh = lines[self._skip_replayed(target, lines) :]
+                if not fresh:
+                    continue
                 written.append((target, os.fstat(target.fd).st_size))
-                append_all(target.fd, encode_rows(rows))
+                append_all(target.fd, b"".join(fresh))
                 os.fsync(target.fd)
         except OSError as exc:
             self._roll_back(written)
@@ -186,6 +260,18 @@ class CsvSink(Sink):
     def close(self) -> None:
         """Close every open file; each was fsynced after its last batch."""
         self._close_all()
+
+    def _skip_replayed(self, target: OpenFile, lines: list[bytes]) -> int:
+        skipped = target.skip_replayed(lines)
+        if skipped:
+            log.info(
+                "csv_replay_skipped",
+                sink=self.name,
+                path=str(target.path),
+                rows=skipped,
+                reason="already at the end of the file",
+            )
+        return skipped
 
     def _base_for(self, received_iso: str) -> Path:
         if not self.per_day:
@@ -217,16 +303,18 @@ class CsvSink(Sink):
         fd = os.open(path, OPEN_FLAGS, 0o666)
         try:
             self._cut_torn_row(fd, path)
-            created = os.fstat(fd).st_size == 0
+            size = os.fstat(fd).st_size
+            created = size == 0
             if created:
                 append_all(fd, self.header)
                 os.fsync(fd)
                 fsync_directory(path.parent)
+            tail = [] if created else tail_lines(fd, size, self.replay_rows)
         except OSError:
             os.close(fd)
             raise
         log.info("csv_file_started", sink=self.name, path=str(path), created=created)
-        return OpenFile(path, fd)
+        return OpenFile(path, fd, tail)
 
     def _cut_torn_row(self, fd: int, path: Path) -> None:
         size = os.fstat(fd).st_size
