@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -145,7 +146,11 @@ class Service:
 
 
 class Mosquitto(Service):
-    """A mosquitto broker; ``extra`` lines are appended to its config."""
+    """A mosquitto broker; ``extra`` lines are appended to its config.
+
+    It runs as the current user: started as root, mosquitto would switch to
+    its own user, which cannot write its persistence file in a test folder.
+    """
 
     def __init__(
         self, workdir: Path, extra: str = "", config: str | None = None
@@ -164,6 +169,7 @@ class Mosquitto(Service):
                 "allow_anonymous true\n"
                 "persistence true\n"
                 f"persistence_location {self.workdir}/\n"
+                f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
                 "max_inflight_messages 1000\n"
                 "max_queued_messages 100000\n"
                 "queue_qos0_messages true\n"

@@ -18,8 +18,6 @@ import csv
 import datetime as dt
 import itertools
 import json
-import os
-import pwd
 import random
 import sqlite3
 import threading
@@ -41,10 +39,7 @@ BASE = "home/load_meter"
 NODES = ("node_main", "node_garage", "node_pv")
 START_EPOCH = 1764777600
 UNIX_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# Started as root, mosquitto would switch to its own user, which cannot
-# write its persistence file into the test's directory.
 BROKER_EXTRA = (
-    f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
     "max_queued_messages 1000000\n"
     "upgrade_outgoing_qos true\n"
     "autosave_interval 1\n"

@@ -29,6 +29,7 @@ from .worker import SinkWorker
 log = structlog.get_logger(__name__)
 
 STALE_AFTER = 60.0
+CLOSE_RESERVE = 1.0  # seconds of the stop timeout kept for closing up
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +100,13 @@ class Ingester:
         self.stop()
 
     def stop(self) -> None:
-        """Stop within the configured timeout, flushing what can be flushed."""
-        deadline = time.monotonic() + self.parts.settings.stop_timeout
+        """Stop within the configured timeout, flushing what can be flushed.
+
+        A sink still busy at the deadline (a write hanging on its timeout) is
+        left behind: its readings stay in the spool, which is then left open
+        for it rather than closed under it; every commit is already durable.
+        """
+        deadline = time.monotonic() + self.parts.settings.stop_timeout - CLOSE_RESERVE
         log.info("ingester_stopping")
         self.mqtt.stop_accepting()
         self.dispatcher.stopping.set()
@@ -110,7 +116,11 @@ class Ingester:
             worker.stopping.set()
         for worker in self.workers:
             worker.join(max(0.1, deadline - time.monotonic()))
-        self.parts.spool.close()
+        busy = [w.sink.name for w in self.workers if w.is_alive()]
+        if busy:
+            log.warning("sinks_still_writing_at_stop", sinks=busy)
+        else:
+            self.parts.spool.close()
         self.parts.deadletter.close()
         self.http.stop()
         log.info("ingester_stopped")

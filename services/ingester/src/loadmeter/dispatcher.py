@@ -33,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 AckFunction = Callable[[list[Message]], None]
 MAX_CLOCK_NODES = 10_000
+INBOX_WAIT = 0.5
 
 
 class NodeClock:
@@ -93,15 +94,27 @@ class Dispatcher(threading.Thread):
         self._ack = ack
 
     def offer(self, message: Message) -> None:
-        """Queue a message without waiting; count it when the inbox is full."""
+        """Queue a message; while the inbox is full, wait for room.
+
+        Waiting here holds up paho's network thread, which stops reading the
+        socket, so TCP flow control makes the broker hold back: a backlog
+        drains at the speed of the spool instead of overflowing. Only a stop
+        that comes while waiting drops the message (counted); unacknowledged,
+        the broker delivers it again to the next session.
+        """
         self.metrics.messages_received.inc()
-        try:
-            self.inbox.put_nowait(message)
-        except queue.Full:
-            self.metrics.queue_dropped.labels("inbox").inc()
-            held = self._limiter.allow("inbox_full")
-            if held is not None:
-                log.error("inbox_full", capacity=self.inbox.maxsize, suppressed=held)
+        while True:
+            try:
+                self.inbox.put(message, timeout=INBOX_WAIT)
+            except queue.Full:
+                if self.stopping.is_set():
+                    self.metrics.queue_dropped.labels("inbox").inc()
+                    return
+                held = self._limiter.allow("inbox_full")
+                if held is not None:
+                    log.warning("inbox_full_waiting", capacity=self.inbox.maxsize)
+            else:
+                return
 
     def run(self) -> None:
         """Handle groups until stopped and the inbox is empty."""

@@ -25,14 +25,15 @@ class StatusServer:
         handler = _handler(registry, healthz, readyz)
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, name="http", daemon=True
-        )
+        self.thread = threading.Thread(target=self._serve, name="http", daemon=True)
 
     @property
     def port(self) -> int:
         """The bound port (useful when 0 asked for any free one)."""
         return int(self.server.server_address[1])
+
+    def _serve(self) -> None:
+        self.server.serve_forever(poll_interval=0.1)
 
     def start(self) -> None:
         """Serve in a background thread."""
