@@ -83,7 +83,7 @@ def test_payload_at_the_size_limit_is_accepted() -> None:
         pytest.param(b"", "n1", "invalid_json", id="empty"),
         pytest.param(b"{", "n1", "invalid_json", id="truncated"),
         pytest.param(b'{"ct1_irms":1} x', "n1", "invalid_json", id="trailing"),
-        pytest.param(b'{"ct1_irms":nan}', "n1", "invalid_json", id="firmware-nan"),
+        pytest.param(b'{"ct1_irms":nan}', "n1", "no_measurements", id="firmware-nan"),
         pytest.param(b'{"ct1_irms":1.0,"n":"\xe9"}', "n1", "invalid_json", id="latin1"),
         pytest.param(b'\xef\xbb\xbf{"ct1_irms":1}', "n1", "invalid_json", id="bom"),
         pytest.param(b"[" * 3000, "n1", "invalid_json", id="deep-array"),
@@ -388,3 +388,29 @@ def test_long_digit_string_is_checked_in_linear_time() -> None:
 def test_node_from_topic(topic: str, base: str, node: str | None) -> None:
     """Only ``{base}/<one segment>/metrics`` yields a node name."""
     assert node_from_topic(topic, base) == node
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"ct1_irms":nan,"ct1_apparpower":12.000}', "ct1_irms"),
+        (b'{"ct1_irms":1.000,"ct1_apparpower":-inf}', "ct1_apparpower"),
+        (b'{"ct1_irms":1.000, "vrms" : NAN }', "vrms"),
+        (b'{"ct1_irms":1.000,"ct1_power":inf}', "ct1_power"),
+    ],
+)
+def test_c_printed_nan_and_inf_drop_only_their_field(raw: bytes, field: str) -> None:
+    """A bare nan or inf, as printf prints it, drops that field and keeps the rest."""
+    result = parse(raw, "n1", 1000, LIMITS)
+
+    assert isinstance(result, Accepted)
+    assert (field, "not_finite") in result.dropped
+    assert field not in result.reading.fields
+    assert result.reading.fields
+
+
+def test_a_word_nan_elsewhere_still_makes_invalid_json() -> None:
+    """Only nan or inf in a value's place is repaired; broken JSON stays rejected."""
+    result = parse(b'{"ct1_irms":nan', "n1", 1000, LIMITS)
+
+    assert result == Rejected("invalid_json", result.detail)

@@ -102,6 +102,18 @@ def _parse_int(text: str) -> int | float:
 # field checks then drop as ``not_finite``.
 _DECODER = json.JSONDecoder(parse_int=_parse_int, parse_constant=float)
 
+# C's printf("%.3f") prints a non-finite value as a bare ``nan`` or ``inf``,
+# which is not JSON. A payload that fails to decode is tried once more with
+# those words as JSON's literals, so only that field is dropped, not the
+# whole reading.
+_C_NONFINITE = re.compile(r"(:\s*)(-?)(nan|inf(?:inity)?)(?=\s*[,}\]])", re.IGNORECASE)
+
+
+def _as_json_literal(match: re.Match[str]) -> str:
+    word = "NaN" if match.group(3).lower() == "nan" else "Infinity"
+    sign = match.group(2) if word == "Infinity" else ""
+    return f"{match.group(1)}{sign}{word}"
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -168,7 +180,8 @@ def parse(
 def _decode(payload: bytes) -> dict[str, Any] | Rejected:
     """The top-level JSON object, or why there is none."""
     try:
-        document = _DECODER.decode(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        document = _decode_text(text)
     except UnicodeDecodeError as exc:
         return Rejected("invalid_json", f"not UTF-8 at byte {exc.start}")
     except json.JSONDecodeError as exc:
@@ -179,6 +192,20 @@ def _decode(payload: bytes) -> dict[str, Any] | Rejected:
     if not isinstance(document, dict):
         return Rejected("not_object", f"top level is {_json_type(document)}")
     return document
+
+
+def _decode_text(text: str) -> Any:
+    """JSON, or JSON with C's bare ``nan``/``inf`` values; else the first error."""
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError:
+        repaired, count = _C_NONFINITE.subn(_as_json_literal, text)
+        if not count:
+            raise
+    try:
+        return _DECODER.decode(repaired)
+    except json.JSONDecodeError:
+        return _DECODER.decode(text)
 
 
 def _node(document: dict[str, Any], topic_node: str | None) -> str | Rejected:
