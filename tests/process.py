@@ -1,11 +1,10 @@
-"""The ingester as a real process, for tests that kill and restart it.
+"""The ``loadmeter`` command and the ingester as real processes, for tests.
 
-``IngesterProcess`` runs ``python -m loadmeter run SINK...`` with an
-environment of its own: a broker, an InfluxDB URL, a state directory and a
-CSV file that stay the same across restarts, a fixed MQTT client id (so the
-broker keeps the session) and a fresh metrics port per start. Every start
-appends JSON log lines to one log file, which the test can read back as
-events. It can be stopped as an operator would (SIGTERM), or killed.
+Every environment built here starts from ``PATH`` alone, so a developer's
+own ``MQTT_*`` or ``INFLUX_*`` variables never reach a test. ``loadmeter``
+runs a command to completion; ``IngesterProcess`` keeps ``run`` going in the
+background, and can start it again after a stop or a kill with the same
+state directory, appending each start's output to the same two files.
 """
 
 from __future__ import annotations
@@ -16,15 +15,66 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, NamedTuple, Self
 
-from tests.services import Mosquitto, free_port, http_get, wait_for
+from tests.services import free_port, http_get, wait_for
 
-CLIENT_ID = "loadmeter-restart-test"
+PYTHON = Path(sys.executable)
+LOADMETER = PYTHON.with_name("loadmeter")
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
+
+
+def bare_env(**variables: str) -> dict[str, str]:
+    """Only ``PATH`` and the given variables."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **variables}
+
+
+def clean_env(workdir: Path, **variables: str) -> dict[str, str]:
+    """A bare environment for ``run``: state in ``workdir``, metrics on loopback.
+
+    The MQTT client id is fixed, so a restarted process resumes its session.
+    """
+    return {
+        **bare_env(),
+        "STATE_DIR": str(workdir / "state"),
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": str(free_port()),
+        "MQTT_CLIENT_ID": "loadmeter-under-test",
+        "FLUSH_INTERVAL": "0.1",
+        **variables,
+    }
+
+
+def loadmeter(
+    *args: str, env: Mapping[str, str], timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``loadmeter ARGS`` to completion; its exit code and both streams."""
+    return subprocess.run(
+        [str(LOADMETER), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def simulate(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``loadmeter simulate ARGS`` against the broker on ``port``; must succeed."""
+    done = loadmeter("simulate", *args, env=bare_env(MQTT_PORT=str(port)), timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+class Exit(NamedTuple):
+    """How a signalled ingester ended."""
+
+    code: int
+    seconds: float
 
 
 class IngesterExitedError(RuntimeError):
@@ -32,68 +82,53 @@ class IngesterExitedError(RuntimeError):
 
 
 class IngesterProcess:
-    """Starts, probes, stops and kills one ingester, again and again."""
+    """``python -m loadmeter run SINKS`` in the background, as often as asked.
+
+    ``env`` is read at every start, so a test may change it between a stop
+    and the next start; each start listens for metrics on a fresh loopback
+    port, whatever ``env`` says. Standard output and standard error (unless
+    ``stderr`` sends it elsewhere) are appended to files in ``workdir``. As a
+    context manager it kills a process the test left running.
+    """
 
     def __init__(
         self,
         workdir: Path,
-        broker: Mosquitto,
-        influx_url: str,
-        sinks: Sequence[str] = ("influx", "csv"),
-        **env: str,
+        env: Mapping[str, str],
+        sinks: Sequence[str] = (),
+        stderr: int | IO[bytes] | None = None,
     ) -> None:
         self.workdir = workdir
-        self.broker = broker
-        self.influx_url = influx_url
+        self.env = dict(env)
         self.sinks = list(sinks)
-        self.extra_env = dict(env)
-        self.state_dir = workdir / "state"
-        self.csv_path = workdir / "load.csv"
-        self.log_path = workdir / "ingester.log"
+        self.stdout_path = workdir / "ingester.out"
+        self.stderr_path = workdir / "ingester.err"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self.starts = 0
+        self._stderr_to = stderr
 
-    def environment(self) -> dict[str, str]:
-        """The variables the process gets; nothing leaks from the test's own."""
-        return {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONUNBUFFERED": "1",
-            "MQTT_HOST": "127.0.0.1",
-            "MQTT_PORT": str(self.broker.port),
-            "MQTT_CLIENT_ID": CLIENT_ID,
-            "MQTT_QOS": "1",
-            "INFLUX_URL": self.influx_url,
-            "INFLUX_TOKEN": "test-token",
-            "METRICS_HOST": "127.0.0.1",
-            "METRICS_PORT": str(self.port),
-            "STATE_DIR": str(self.state_dir),
-            "CSV_PATH": str(self.csv_path),
-            "FLUSH_INTERVAL": "0.2",
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "info",
-            **self.extra_env,
-        }
+    def __enter__(self) -> Self:
+        """The process itself, started or not."""
+        return self
 
-    def start(self) -> None:
-        """Start a new process without waiting for it (see ``wait_ready``)."""
-        if self.running:
-            raise RuntimeError("the ingester is already running")
-        self.port = free_port()
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "loadmeter", "run", *self.sinks],
-                env=self.environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Kill the process if the test left it running."""
+        self.close()
 
-    def start_ready(self) -> None:
-        """Start and wait until /readyz answers 200."""
-        self.start()
-        self.wait_ready()
+    @property
+    def state_dir(self) -> Path:
+        """The STATE_DIR of ``env``, relative to ``workdir``."""
+        return self.workdir / self.env["STATE_DIR"]
+
+    @property
+    def csv_path(self) -> Path:
+        """The CSV_PATH of ``env``, relative to ``workdir``."""
+        return self.workdir / self.env["CSV_PATH"]
 
     @property
     def running(self) -> bool:
@@ -102,87 +137,121 @@ class IngesterProcess:
 
     @property
     def url(self) -> str:
-        """The base URL of the running process's metrics and probes."""
+        """The base URL of the current process's metrics and probes."""
         return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        """Start a new process without waiting for it (see ``wait_ready``)."""
+        if self.running:
+            raise RuntimeError("the ingester is already running")
+        self.port = free_port()
+        env = {**self.env, "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(self.port)}
+        command = [str(PYTHON), "-m", "loadmeter", "run", *self.sinks]
+
+        with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            self.proc = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=err if self._stderr_to is None else self._stderr_to,
+                cwd=self.workdir,
+            )
+        return self
+
+    def start_ready(self) -> None:
+        """Start and wait until /readyz answers 200."""
+        self.start()
+        self.wait_ready()
+
+    def status(self, path: str, timeout: float = 5.0) -> int:
+        """The HTTP status of ``/healthz``, ``/readyz`` or ``/metrics``."""
+        return http_get(self.url + path, timeout)[0]
 
     def ready(self) -> bool:
         """Whether /readyz answers 200 right now."""
         try:
-            return http_get(f"{self.url}/readyz", timeout=1.0)[0] == 200
+            return self.status("/readyz", timeout=1.0) == 200
         except OSError:
             return False
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Wait for /readyz 200; fail with the log if the process exits first."""
+        """Wait for /readyz 200; fail at once, with the log, if the process exits."""
 
         def ready_or_exited() -> bool:
             if not self.running:
                 raise IngesterExitedError(
-                    f"the ingester exited with {self._returncode()}:\n{self.log()}"
+                    f"the ingester exited with {self._started().returncode}:\n"
+                    f"{self._log_tail()}"
                 )
             return self.ready()
 
         wait_for(ready_or_exited, timeout, "the ingester to be ready")
 
-    def terminate(self) -> tuple[int, float]:
-        """SIGTERM; the exit code and the seconds until the process ended."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = EXIT_TIMEOUT) -> Exit:
+        """Send ``sig`` and wait; the exit code and the seconds until it came."""
         proc = self._started()
         began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = self._wait(proc)
-        return code, time.monotonic() - began
+
+        proc.send_signal(sig)
+        code = self._wait(proc, timeout)
+
+        return Exit(code, time.monotonic() - began)
 
     def kill(self) -> int:
         """SIGKILL and reap the process; its (negative) exit code."""
         proc = self._started()
         proc.kill()
-        return self._wait(proc)
-
-    def metric(self, sample: str) -> float:
-        """The value of one sample line (name and labels) on /metrics."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
-            body = response.read().decode()
-        for line in body.splitlines():
-            if line.startswith(sample + " "):
-                return float(line.split()[-1])
-        raise AssertionError(f"{sample} is not on /metrics")
-
-    def events(self, name: str | None = None) -> list[Mapping[str, object]]:
-        """Every JSON log event of every start, or only those called ``name``."""
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            event = json.loads(line)
-            if name is None or event.get("event") == name:
-                found.append(event)
-        return found
-
-    def log(self, tail: int = 6000) -> str:
-        """The end of the log file, for failure messages."""
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-tail:]
+        return self._wait(proc, EXIT_TIMEOUT)
 
     def close(self) -> None:
         """Kill a process still running, e.g. after a failed test."""
         if self.running:
             self.kill()
 
+    def metric(self, sample: str) -> float:
+        """The value of one sample line (name and labels) on /metrics."""
+        _, body = http_get(self.url + "/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{sample} is not on /metrics")
+
+    def stdout(self) -> str:
+        """Everything every start wrote to standard output."""
+        return _read(self.stdout_path)
+
+    def stderr(self) -> str:
+        """Everything every start wrote to standard error (into the file)."""
+        return _read(self.stderr_path)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Standard error as JSON events, every line one; or only those ``name``d."""
+        events = [json.loads(line) for line in self.stderr().splitlines()]
+        return [e for e in events if name is None or e["event"] == name]
+
+    def event_names(self) -> list[str]:
+        """The ``event`` of every JSON log line so far, in order."""
+        return [event["event"] for event in self.events()]
+
     def _started(self) -> subprocess.Popen[bytes]:
         if self.proc is None:
             raise RuntimeError("the ingester was never started")
         return self.proc
 
-    def _wait(self, proc: subprocess.Popen[bytes]) -> int:
+    def _wait(self, proc: subprocess.Popen[bytes], timeout: float) -> int:
         try:
-            return proc.wait(EXIT_TIMEOUT)
+            return proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             raise AssertionError(
-                f"the ingester did not exit within {EXIT_TIMEOUT}s:\n{self.log()}"
+                f"the ingester did not exit within {timeout}s:\n{self._log_tail()}"
             ) from None
 
-    def _returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.returncode
+    def _log_tail(self, chars: int = 6000) -> str:
+        return self.stderr()[-chars:]
+
+
+def _read(path: Path) -> str:
+    """A text file's contents, or nothing if it was never created."""
+    return path.read_text(errors="replace") if path.exists() else ""

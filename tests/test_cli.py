@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 from loadmeter import __version__
 
-from tests.ingester_process import clean_env, ingester, loadmeter
+from tests.process import IngesterProcess, bare_env, clean_env, loadmeter
 from tests.services import free_port, wait_for
 
 SECRET = "s3cr3t-XYZ"  # noqa: S105 - a marker to look for in output
@@ -47,11 +46,6 @@ DOCUMENTED_DEFAULTS = {
     "SPOOL_SYNC": "full",
     "DEADLETTER_PATH": "state/deadletter",
 }
-
-
-def bare_env(**variables: str) -> dict[str, str]:
-    """Only ``PATH`` and the given variables."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **variables}
 
 
 def table(stdout: str) -> dict[str, tuple[str, str]]:
@@ -271,11 +265,11 @@ def test_run_starts_the_sinks_asked_for(
         tmp_path, MQTT_PORT=str(free_port()), INFLUX_TOKEN=SECRET, **variables
     )
 
-    with ingester(tmp_path, env, args) as process:
+    with IngesterProcess(tmp_path, env, args).start() as process:
         wait_for(lambda: "ingester_started" in process.event_names())
-        code = process.stop()
+        code = process.stop().code
 
-    [started] = [e for e in process.events() if e["event"] == "ingester_started"]
+    [started] = process.events("ingester_started")
     assert started["sinks"] == ["csv", "influx"]
     assert code == 0
 

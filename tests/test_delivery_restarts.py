@@ -32,7 +32,7 @@ from loadmeter.simulate import readings
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.faultproxy import FaultProxy
-from tests.process import IngesterProcess
+from tests.process import IngesterProcess, clean_env
 from tests.services import Mosquitto, VictoriaMetrics, wait_for
 
 BASE = "home/load_meter"
@@ -40,11 +40,10 @@ NODES = ("node_main", "node_garage", "node_pv")
 START_EPOCH = 1764777600
 UNIX_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 BROKER_EXTRA = (
-    "max_queued_messages 1000000\n"
-    "upgrade_outgoing_qos true\n"
-    "autosave_interval 1\n"
+    "max_queued_messages 1000000\nupgrade_outgoing_qos true\nautosave_interval 1\n"
 )
 SETTLE_TIMEOUT = 60.0
+TOKEN = "test-token"  # noqa: S105 - VictoriaMetrics accepts any token
 SHOWN = 8
 
 
@@ -296,9 +295,20 @@ def ingester(
     """An ingester process writing to VictoriaMetrics and a CSV file."""
     workdir = tmp_path / "ingester"
     workdir.mkdir()
-    process = IngesterProcess(workdir, broker, victoria.url, LOG_LEVEL="debug")
-    yield process
-    process.close()
+    env = clean_env(
+        workdir,
+        PYTHONUNBUFFERED="1",
+        MQTT_PORT=str(broker.port),
+        MQTT_QOS="1",
+        INFLUX_URL=victoria.url,
+        INFLUX_TOKEN=TOKEN,
+        CSV_PATH=str(workdir / "load.csv"),
+        FLUSH_INTERVAL="0.2",
+        LOG_FORMAT="json",
+        LOG_LEVEL="debug",
+    )
+    with IngesterProcess(workdir, env, ("influx", "csv")) as process:
+        yield process
 
 
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(
@@ -326,7 +336,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     assert_stored_exactly_once(victoria, published, ingester.csv_path)
     assert killed_ready >= 8
     assert dropped_duplicates(ingester) > 0
-    assert ingester.terminate()[0] == 0
+    assert ingester.stop().code == 0
 
 
 def test_broker_restart_during_a_stream_is_survived_without_help(
@@ -363,7 +373,7 @@ def test_ingester_restart_while_nodes_publish_stores_no_retained_replay(
     stream = Stream(broker, per_node_rate=20).start()
     wait_for(lambda: len(stream.published) > 120, 10, "a stream under way")
 
-    code, _ = ingester.terminate()
+    code, _ = ingester.stop()
     ingester.start_ready()
     wait_for(
         lambda: ingester.metric("loadmeter_duplicates_dropped_total") > 0,
@@ -388,7 +398,7 @@ def test_retained_last_readings_after_nodes_stop_are_not_stored_again(
     published = stream.stop()
     assert_stored_exactly_once(victoria, published, ingester.csv_path)
 
-    code, _ = ingester.terminate()
+    code, _ = ingester.stop()
     ingester.start_ready()
     wait_for(
         lambda: ingester.metric("loadmeter_duplicates_dropped_total") == len(NODES),
@@ -415,8 +425,8 @@ def test_sigterm_with_a_backlog_exits_0_within_10_s_and_loses_nothing(
     with FaultProxy(victoria.url) as proxy:
         if outage == "hanging":
             proxy.delay_next(10_000, seconds=300)
-            ingester.extra_env["INFLUX_TIMEOUT"] = "60"
-        ingester.influx_url = proxy.url
+            ingester.env["INFLUX_TIMEOUT"] = "60"
+        ingester.env["INFLUX_URL"] = proxy.url
         ingester.start_ready()
         if outage == "stopped":
             victoria.stop()
@@ -427,10 +437,10 @@ def test_sigterm_with_a_backlog_exits_0_within_10_s_and_loses_nothing(
             "300 readings spooled that InfluxDB has not stored",
         )
 
-        code, seconds = ingester.terminate()
+        code, seconds = ingester.stop()
         if outage == "stopped":
             victoria.start()
-        ingester.influx_url = victoria.url
+        ingester.env["INFLUX_URL"] = victoria.url
         ingester.start_ready()
         wait_for(lambda: len(stream.published) > 1200, 15, "readings after restart")
         published = stream.stop()
@@ -460,7 +470,7 @@ def test_csv_batch_replayed_after_a_crash_before_its_cursor_moved_is_kept_once(
         20,
         "the csv sink to catch up",
     )
-    code, _ = ingester.terminate()
+    code, _ = ingester.stop()
 
     with contextlib.closing(sqlite3.connect(ingester.state_dir / "spool.db")) as db:
         moved = db.execute(

@@ -15,7 +15,7 @@ from loadmeter import logs
 from loadmeter.logs import RateLimiter
 
 from tests.harness import publisher
-from tests.ingester_process import clean_env, ingester
+from tests.process import IngesterProcess, clean_env
 from tests.services import Mosquitto, free_port, wait_for
 
 SECRET = "s3cr3t-XYZ"  # noqa: S105 - a marker to look for in output
@@ -105,12 +105,12 @@ def test_logs_are_json_events_off_a_terminal(
     env = clean_env(tmp_path, MQTT_PORT=str(mosquitto.port))
     start = dt.datetime.now(dt.UTC)
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         process.wait_ready()
         with publisher(mosquitto) as pub:
             pub.send("n1", b"{oops", retain=False)
         wait_for(lambda: process.metric(REJECTED.format("invalid_json")) == 1)
-        code = process.stop()
+        code = process.stop().code
     end = dt.datetime.now(dt.UTC)
 
     assert code == 0
@@ -132,14 +132,14 @@ def test_reading_rejected_carries_its_stable_keys(
     """A reject is a warning naming node, topic, reason, detail and suppressed."""
     env = clean_env(tmp_path, MQTT_PORT=str(mosquitto.port))
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         process.wait_ready()
         with publisher(mosquitto) as pub:
             pub.send("n7", b"[1, 2]", retain=False)
         wait_for(lambda: "reading_rejected" in process.event_names())
         process.stop()
 
-    [event] = [e for e in process.events() if e["event"] == "reading_rejected"]
+    [event] = process.events("reading_rejected")
     assert event["level"] == "warning"
     assert event["node"] == "n7"
     assert event["topic"] == "home/load_meter/n7/metrics"
@@ -155,7 +155,7 @@ def test_a_flood_of_rejects_is_logged_rarely_but_counted_fully(
     """500 bad messages from a node give at most 2 warnings per reason, all counted."""
     env = clean_env(tmp_path, MQTT_PORT=str(mosquitto.port))
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         process.wait_ready()
         with publisher(mosquitto) as pub:
             for i in range(500):
@@ -190,12 +190,12 @@ def test_warning_level_hides_info_events(mosquitto: Mosquitto, tmp_path: Path) -
     """With LOG_LEVEL=warning lifecycle events vanish and rejects still show."""
     env = clean_env(tmp_path, MQTT_PORT=str(mosquitto.port), LOG_LEVEL="warning")
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         process.wait_ready()
         with publisher(mosquitto) as pub:
             pub.send("n1", b"{oops", retain=False)
         wait_for(lambda: "reading_rejected" in process.event_names())
-        code = process.stop()
+        code = process.stop().code
 
     assert code == 0
     assert {event["level"] for event in process.events()} == {"warning"}
@@ -206,9 +206,9 @@ def test_console_format_when_asked(tmp_path: Path) -> None:
     """LOG_FORMAT=console writes readable lines, not JSON, even into a pipe."""
     env = clean_env(tmp_path, MQTT_PORT=str(free_port()), LOG_FORMAT="console")
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         wait_for(lambda: "ingester_started" in process.stderr())
-        code = process.stop()
+        code = process.stop().code
 
     assert code == 0
     lines = process.stderr().splitlines()
@@ -224,10 +224,10 @@ def test_auto_format_is_console_on_a_terminal(tmp_path: Path) -> None:
     env = clean_env(tmp_path, MQTT_PORT=str(free_port()))
     master, terminal = os.openpty()
 
-    with ingester(tmp_path, env, ("print",), stderr=terminal) as process:
+    with IngesterProcess(tmp_path, env, ("print",), stderr=terminal).start() as process:
         os.close(terminal)
         wait_for(lambda: process.status("/healthz") == 200)
-        code = process.stop()
+        code = process.stop().code
     text = read_terminal(master)
 
     assert code == 0
@@ -250,7 +250,7 @@ def test_secrets_never_appear_in_logs(mosquitto: Mosquitto, tmp_path: Path) -> N
     )
     failures = 'loadmeter_sink_write_errors_total{kind="transient",sink="influx"}'
 
-    with ingester(tmp_path, env, ("print", "csv", "influx")) as process:
+    with IngesterProcess(tmp_path, env, ("print", "csv", "influx")).start() as process:
         wait_for(lambda: process.metric("loadmeter_mqtt_connected") == 1)
         with publisher(mosquitto) as pub:
             pub.send("n1", {"ct1_irms": 1.5}, retain=False)

@@ -17,7 +17,7 @@ import pytest
 from loadmeter.simulate import readings
 
 from tests.harness import publisher
-from tests.ingester_process import clean_env, ingester, simulate
+from tests.process import IngesterProcess, clean_env, simulate
 from tests.services import Mosquitto, VictoriaMetrics, free_port, http_get, wait_for
 
 NODES = ("sim1", "sim2")
@@ -137,7 +137,7 @@ def test_simulated_readings_reach_victoria_and_csv_exactly(
     expected = published(count=20, interval=0)
     env = run_env(tmp_path, mosquitto, victoria)
 
-    with ingester(tmp_path, env, ("csv", "influx")) as process:
+    with IngesterProcess(tmp_path, env, ("csv", "influx")).start() as process:
         process.wait_ready()
         start = now_ms()
         simulate(mosquitto.port, *simulator_args(count=20, interval=0))
@@ -146,7 +146,7 @@ def test_simulated_readings_reach_victoria_and_csv_exactly(
         wait_for_victoria(victoria, expected)
         in_victoria, stamps = stored_in_victoria(victoria)
         end = now_ms()
-        assert process.stop() == 0
+        assert process.stop().code == 0
 
     assert in_victoria == expected
     assert {node for node, _ in in_victoria} == set(NODES)
@@ -168,18 +168,18 @@ def test_signal_stops_the_process_cleanly(
     """SIGTERM or SIGINT ends an ingester that has been writing: exit 0 within 10 s."""
     env = run_env(tmp_path, mosquitto, victoria)
 
-    with ingester(tmp_path, env, ("csv", "influx")) as process:
+    with IngesterProcess(tmp_path, env, ("csv", "influx")).start() as process:
         process.wait_ready()
         simulate(mosquitto.port, *simulator_args(count=5, interval=0))
         wait_for(lambda: process.metric(WRITTEN.format("csv")) == 10)
 
-        code = process.stop(sig, timeout=10)
+        code = process.stop(sig, timeout=10).code
 
     assert code == 0
     assert "Traceback" not in process.stderr()
     names = process.event_names()
     assert names[-1] == "ingester_stopped"
-    [received] = [e for e in process.events() if e["event"] == "signal_received"]
+    [received] = process.events("signal_received")
     assert received["signal"] == sig.name
 
 
@@ -190,11 +190,11 @@ def test_print_sink_writes_one_line_per_reading_to_stdout(
     env = clean_env(tmp_path, MQTT_PORT=str(mosquitto.port))
     payloads = published_payloads(count=5, interval=0)
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         process.wait_ready()
         simulate(mosquitto.port, *simulator_args(count=5, interval=0))
         wait_for(lambda: process.metric(WRITTEN.format("print")) == 10)
-        assert process.stop() == 0
+        assert process.stop().code == 0
 
     lines = process.stdout().splitlines()
     shown = [match[1] for line in lines if (match := PRINTED.match(line))]
@@ -210,17 +210,17 @@ def test_unreachable_broker_at_start_is_waited_for(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path)
     broker.port = port
 
-    with ingester(tmp_path, env, ("csv",)) as process:
+    with IngesterProcess(tmp_path, env, ("csv",)).start() as process:
         wait_for(lambda: process.status("/healthz") == 200, what="/healthz")
         ready_status, ready_body = http_get(process.url + "/readyz")
-        still_running = process.proc.poll() is None
+        still_running = process.running
         broker.start()
         try:
             process.wait_ready(timeout=45)
             with publisher(broker) as pub:
                 pub.send("late", {"epoch": START_EPOCH, "t_ms": 42, "ct1_irms": 2.5})
             wait_for(lambda: process.metric(WRITTEN.format("csv")) == 1)
-            assert process.stop() == 0
+            assert process.stop().code == 0
         finally:
             broker.stop()
 
@@ -235,7 +235,7 @@ def test_metrics_endpoint_passes_promtool(mosquitto: Mosquitto, tmp_path: Path) 
     """/metrics of a process that has ingested and rejected passes promtool."""
     env = clean_env(tmp_path, MQTT_PORT=str(mosquitto.port))
 
-    with ingester(tmp_path, env, ("print",)) as process:
+    with IngesterProcess(tmp_path, env, ("print",)).start() as process:
         process.wait_ready()
         with publisher(mosquitto) as pub:
             pub.send("n1", {"ct1_irms": 1.0, "bogus": 1}, retain=False)
@@ -243,7 +243,7 @@ def test_metrics_endpoint_passes_promtool(mosquitto: Mosquitto, tmp_path: Path) 
         wait_for(lambda: process.metric(WRITTEN.format("print")) == 1)
         wait_for(lambda: process.metric(REJECTED) == 1)
         status, body = http_get(process.url + "/metrics")
-        assert process.stop() == 0
+        assert process.stop().code == 0
 
     check = subprocess.run(
         ["promtool", "check", "metrics"], input=body, capture_output=True, check=False
