@@ -21,7 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from loadmeter import simulate
+from loadmeter import cli, simulate
 from loadmeter.simulate import NodeModel, firmware_payload, readings
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -237,7 +237,7 @@ def test_invalid_environment_exits_with_2(
     """A malformed MQTT_PORT is a configuration error, exit code 2."""
     monkeypatch.setenv("MQTT_PORT", "eighteen")
 
-    assert simulate.run(parse("--count", "1")) == 2
+    assert cli.main(["simulate", "--count", "1"]) == 2
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -22,7 +22,7 @@ def configure(
     standard library's logging (the libraries' own) are rendered the same
     way, so a JSON log stays JSON throughout.
     """
-    out = stream or sys.stderr
+    out = stream or cast(TextIO, _CurrentStderr())
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
     renderer: Any = (
@@ -62,6 +62,23 @@ def _route_stdlib_logging(out: TextIO, shared: list[Any], renderer: Any) -> None
     root.setLevel(logging.WARNING)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the moment of writing.
+
+    Holding the object ``sys.stderr`` was at set-up would keep writing to it
+    after it is replaced (and closed), as test runners and daemons do.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 class RateLimiter:

@@ -26,9 +26,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import MqttSettings, read_mqtt
+from . import logs
+from .config import LOG_FORMATS, LOG_LEVELS, MqttSettings, read_mqtt
 from .envreader import EnvReader
-from .errors import ConfigError, LoadmeterError
+from .errors import LoadmeterError
 from .household import (
     FIRMWARE_PERIOD_S,
     MAX_CT,
@@ -160,16 +161,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Publish readings until ``--count`` is reached or a signal arrives.
 
-    Returns 0 on a clean finish, 1 when the broker fails us, 2 on bad config.
+    Returns 0 on a clean finish, 1 when the broker fails us; a bad
+    environment raises ``ConfigError`` (the command exits 2). Logs go to
+    stderr, as the ingester's do.
     """
     options = Options.from_args(args)
     env = EnvReader()
     settings = read_mqtt(env)
-    try:
-        env.raise_if_problems()
-    except ConfigError as exc:
-        log.error("config_invalid", problems=exc.problems)
-        return 2
+    level = env.choice("LOG_LEVEL", "info", LOG_LEVELS)
+    fmt = env.choice("LOG_FORMAT", "auto", LOG_FORMATS)
+    env.raise_if_problems()
+    logs.configure(level, fmt)
     host, port = options.host or settings.host, options.port or settings.port
 
     stop = threading.Event()
