@@ -3,6 +3,10 @@
 A record keeps what is needed to understand the refusal and to re-drive it:
 the topic and raw payload of a rejected message, or the reading and line of
 a point a sink refused, with the sink's own message.
+
+The ingester appends records; ``loadmeter deadletter`` reads the files back
+line by line and replaces a changed file atomically, keeping every other
+line byte for byte, a line torn by a crash included.
 """
 
 from __future__ import annotations
@@ -10,13 +14,22 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
 import os
+import stat
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
+
+from .model import Reading
 
 FILE_NAME = "deadletter.jsonl"
+UNREADABLE = "unreadable"
+# Lines are read and written back byte for byte, even a torn one.
+KEEP_BYTES = "surrogateescape"
 
 
 def _utc_now() -> str:
@@ -127,13 +140,116 @@ def _ends_with_newline(path: Path) -> bool:
         return raw.read(1) == b"\n"
 
 
-def read_records(directory: Path) -> Iterator[dict[str, Any]]:
-    """Every record in ``directory``, oldest file first."""
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line of a dead-letter file; ``record`` when it holds a JSON object."""
+
+    path: Path
+    text: str
+    record: dict[str, Any] | None
+
+    @property
+    def reason(self) -> str:
+        """The record's reason, or ``unreadable`` for a line that is no record."""
+        if self.record is None:
+            return UNREADABLE
+        return str(self.record.get("reason", "?"))
+
+
+def dead_letter_files(directory: Path) -> list[Path]:
+    """The dead-letter files in ``directory``, oldest first."""
     rotated = [p for p in directory.glob(f"{FILE_NAME}.*") if p.suffix[1:].isdigit()]
-    files = sorted(rotated, key=lambda p: -int(p.suffix[1:]))
-    for path in [*files, directory / FILE_NAME]:
-        if path.exists():
-            with path.open(encoding="utf-8") as lines:
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
+    ordered = sorted(rotated, key=lambda p: -int(p.suffix[1:]))
+    return [p for p in [*ordered, directory / FILE_NAME] if p.is_file()]
+
+
+def read_lines(directory: Path) -> list[Line]:
+    """Every non-blank line of the dead letter, oldest first."""
+    lines = []
+    for path in dead_letter_files(directory):
+        with path.open(encoding="utf-8", errors=KEEP_BYTES) as handle:
+            lines += [
+                Line(path, t.rstrip("\n"), _record(t)) for t in handle if t.strip()
+            ]
+    return lines
+
+
+def read_records(directory: Path) -> Iterator[dict[str, Any]]:
+    """Every record in ``directory``, oldest file first.
+
+    A line that holds no JSON object, such as one torn by a crash, is no
+    record and is skipped; ``read_lines`` shows it.
+    """
+    return (line.record for line in read_lines(directory) if line.record is not None)
+
+
+def _record(text: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(text)
+    except ValueError:
+        # A line torn by a crash: read as unreadable and kept as it is.
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def reading_from(record: Mapping[str, Any]) -> Reading | None:
+    """The reading a ``sink_refused`` record holds; None when it is malformed."""
+    node, received, fields = (record.get(k) for k in ("node", "received_ms", "fields"))
+    epoch, t_ms = record.get("epoch"), record.get("t_ms")
+    if not (isinstance(node, str) and node and _whole(received)):
+        return None
+    if not (isinstance(fields, dict) and all(map(_finite, fields.values()))):
+        return None
+    if not all(value is None or _whole(value) for value in (epoch, t_ms)):
+        return None
+    values = {str(name): float(value) for name, value in fields.items()}
+    return Reading(node, received, values, epoch, t_ms)
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (math.isfinite(value))
+    )
+
+
+def rewrite(lines: Sequence[Line], changes: Mapping[int, str | None]) -> None:
+    """Apply ``changes`` to the files ``lines`` were read from, each atomically.
+
+    ``changes`` maps the index of a line in ``lines`` to its new text, or to
+    None to drop it. Every other line stays as it was; a file without a
+    change is not touched.
+    """
+    files: dict[Path, list[str]] = {line.path: [] for line in lines}
+    for index, line in enumerate(lines):
+        text = changes.get(index, line.text)
+        if text is not None:
+            files[line.path].append(text)
+
+    for path in {lines[index].path for index in changes}:
+        replace_lines(path, files[path])
+
+
+def replace_lines(path: Path, lines: Sequence[str]) -> None:
+    """Replace ``path`` by ``lines`` atomically: temporary file, fsync, rename."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".redrive-")
+    try:
+        with open(descriptor, "w", encoding="utf-8", errors=KEEP_BYTES) as out:
+            out.writelines(line + "\n" for line in lines)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import stat
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from . import cli, logs
 from .config import Settings, read_settings
-from .deadletter import FILE_NAME
+from .deadletter import UNREADABLE, Line, read_lines, reading_from, rewrite
 from .envreader import EnvReader
 from .errors import PermanentSinkError, SinkError
 from .model import Reading
@@ -39,7 +34,6 @@ from .sinks import REGISTRY, Sink
 from .worker import BLOCKING_STATUSES
 
 REDRIVABLE = "sink_refused"
-UNREADABLE = "unreadable"
 DETAIL_LIMIT = 200
 DESCRIPTION = """\
 list: the records, newest last, and a count per reason.
@@ -52,24 +46,6 @@ redrive: write the points a sink refused (reason sink_refused) again, into
 Payload rejects (invalid_json and the like) are raw messages, not readings:
 they are listed but never re-driven.
 """
-# Lines are read and written back byte for byte, even a torn one.
-KEEP_BYTES = "surrogateescape"
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    """One line of a dead-letter file; ``record`` when it holds a JSON object."""
-
-    path: Path
-    text: str
-    record: dict[str, Any] | None
-
-    @property
-    def reason(self) -> str:
-        """The record's reason, or ``unreadable`` for a line that is no record."""
-        if self.record is None:
-            return UNREADABLE
-        return str(self.record.get("reason", "?"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,36 +115,9 @@ def _settings() -> Settings:
     return settings
 
 
-def dead_letter_files(directory: Path) -> list[Path]:
-    """The dead-letter files in ``directory``, oldest first."""
-    rotated = [p for p in directory.glob(f"{FILE_NAME}.*") if p.suffix[1:].isdigit()]
-    ordered = sorted(rotated, key=lambda p: -int(p.suffix[1:]))
-    return [p for p in [*ordered, directory / FILE_NAME] if p.is_file()]
-
-
-def load(directory: Path) -> list[Line]:
-    """Every non-blank line of the dead letter, oldest first."""
-    lines = []
-    for path in dead_letter_files(directory):
-        with path.open(encoding="utf-8", errors=KEEP_BYTES) as handle:
-            lines += [
-                Line(path, t.rstrip("\n"), _record(t)) for t in handle if t.strip()
-            ]
-    return lines
-
-
-def _record(text: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(text)
-    except ValueError:
-        # A line torn by a crash: listed as unreadable and kept as it is.
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def list_records(args: argparse.Namespace) -> int:
     """Print the records (newest last) and how many there are per reason."""
-    lines = load(_settings().deadletter_path)
+    lines = read_lines(_settings().deadletter_path)
     chosen = [
         line for line in lines if args.reason is None or line.reason == args.reason
     ]
@@ -205,36 +154,10 @@ def describe(line: Line) -> str:
     return f"{record.get('time', '-')}  {line.reason}  {where}  {text}"
 
 
-def reading_from(record: Mapping[str, Any]) -> Reading | None:
-    """The reading a ``sink_refused`` record holds; None when it is malformed."""
-    node, received, fields = (record.get(k) for k in ("node", "received_ms", "fields"))
-    epoch, t_ms = record.get("epoch"), record.get("t_ms")
-    if not (isinstance(node, str) and node and _whole(received)):
-        return None
-    if not (isinstance(fields, dict) and all(map(_finite, fields.values()))):
-        return None
-    if not all(value is None or _whole(value) for value in (epoch, t_ms)):
-        return None
-    values = {str(name): float(value) for name, value in fields.items()}
-    return Reading(node, received, values, epoch, t_ms)
-
-
-def _whole(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and (math.isfinite(value))
-    )
-
-
 def redrive_points(args: argparse.Namespace) -> int:
     """Re-drive every refused point; 0 when all were stored, else 1."""
     settings = _settings()
-    lines = load(settings.deadletter_path)
+    lines = read_lines(settings.deadletter_path)
     plan, stuck = _plan(lines, args.sinks or [])
     settings, sinks = (
         cli.configure(EnvReader(), sorted(plan)) if plan else (settings, [])
@@ -252,7 +175,7 @@ def redrive_points(args: argparse.Namespace) -> int:
         for index, failure in _drive(sink, plan[sink.name], settings.batch_max):
             failures.setdefault(index, failure)
     stored = {index for points in plan.values() for index, _ in points} - set(failures)
-    _rewrite(lines, stored, failures)
+    rewrite(lines, _changes(lines, stored, failures))
     refused = sum(1 for failure in failures.values() if failure.refusal)
     _say(
         f"stored: {len(stored)}, refused again: {refused}, "
@@ -365,23 +288,16 @@ def _sink_failure(outcomes: Sequence[SinkError | None]) -> SinkError | None:
     return None
 
 
-def _rewrite(
+def _changes(
     lines: Sequence[Line], stored: set[int], failures: Mapping[int, Failure]
-) -> None:
-    """Drop the stored points and note new refusals, file by file, atomically."""
-    files: dict[Path, list[str]] = {line.path: [] for line in lines}
-    changed: set[Path] = set()
-    for index, line in enumerate(lines):
-        failure = failures.get(index)
-        if index in stored:
-            changed.add(line.path)
-        elif failure is not None and failure.refusal and line.record is not None:
-            files[line.path].append(json.dumps(_noted(line.record, failure)))
-            changed.add(line.path)
-        else:
-            files[line.path].append(line.text)
-    for path in changed:
-        replace_lines(path, files[path])
+) -> dict[int, str | None]:
+    """Drop the stored points; note the sink's new message on those refused again."""
+    changes: dict[int, str | None] = dict.fromkeys(stored)
+    for index, failure in failures.items():
+        record = lines[index].record
+        if failure.refusal and record is not None:
+            changes[index] = json.dumps(_noted(record, failure))
+    return changes
 
 
 def _noted(record: Mapping[str, Any], failure: Failure) -> dict[str, Any]:
@@ -390,23 +306,3 @@ def _noted(record: Mapping[str, Any], failure: Failure) -> dict[str, Any]:
     status = error.status if isinstance(error, PermanentSinkError) else None
     latest = {"sink": failure.sink, "status": status, "message": str(error)}
     return {**record, **latest}
-
-
-def replace_lines(path: Path, lines: Sequence[str]) -> None:
-    """Replace ``path`` by ``lines`` atomically: temporary file, fsync, rename."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".redrive-")
-    try:
-        with open(descriptor, "w", encoding="utf-8", errors=KEEP_BYTES) as out:
-            out.writelines(line + "\n" for line in lines)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
