@@ -70,10 +70,7 @@ def _samples(scrape: int, now: float) -> dict[str, list[tuple[str, float]]]:
             ('{node="sim2"}', now - 300.0),
         ],
         "loadmeter_build_info": [('{version="0.0.0+test"}', 1.0)],
-        "loadmeter_queue_dropped_total": [
-            ('{queue="inbox"}', 0.0),
-            ('{queue="spool"}', 0.0),
-        ],
+        "loadmeter_queue_dropped_total": [('{queue="inbox"}', 0.0)],
         "loadmeter_spool_readings": [(f'{{sink="{SINK}"}}', 12.0)],
         "loadmeter_spool_oldest_age_seconds": [(f'{{sink="{SINK}"}}', 3.5)],
         "loadmeter_spool_dropped_total": [("", 0.0)],

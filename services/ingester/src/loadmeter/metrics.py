@@ -11,7 +11,7 @@ from .payload import DROP_REASONS, REJECT_REASONS
 
 MAX_NODE_SERIES = 1000
 DEADLETTER_REASONS = (*REJECT_REASONS, "sink_refused")
-QUEUES = ("inbox", "spool")
+QUEUES = ("inbox",)  # spool drops have their own counter
 WRITE_ERROR_KINDS = ("transient", "permanent")
 WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
