@@ -91,6 +91,7 @@ class Ingester:
             version=__version__,
             sinks=[sink.name for sink in self.parts.sinks],
             metrics_port=self.http.port,
+            spooled_from_before=self.parts.spool.recovered,
         )
 
     def run_until(self, stop: threading.Event) -> None:

@@ -104,7 +104,7 @@ def read_mqtt(env: EnvReader) -> MqttSettings:
 
 def read_settings(env: EnvReader) -> Settings:
     """The core settings; problems accumulate in ``env``."""
-    systemd_dir = Path(env.str("STATE_DIRECTORY", "state") or "state")
+    systemd_dir = Path(env.hint("STATE_DIRECTORY") or "state")
     state_dir = env.path_or("STATE_DIR", systemd_dir)
     return Settings(
         mqtt=read_mqtt(env),

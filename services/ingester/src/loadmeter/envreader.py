@@ -150,6 +150,10 @@ class EnvReader:
         self._note(name, value, raw)
         return value
 
+    def hint(self, name: builtins.str) -> builtins.str | None:
+        """A value set by the platform (not a setting): read, never shown."""
+        return self._raw(name)
+
     def path_or(self, name: builtins.str, default: Path) -> Path:
         """A filesystem path, ``default`` when unset; shown as the path in use."""
         raw = self._raw(name)
